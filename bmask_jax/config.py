@@ -1,0 +1,128 @@
+"""Default configuration: detectron2's Mask R-CNN R50-FPN defaults with the authors' BMask
+R-CNN settings (../SPEC sections 1-8). Config files in configs/ start from `base()` and
+change what their variant needs; every number the model uses is a field here.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- model ----
+    m = c.model = ml_collections.ConfigDict()
+    m.num_classes = 80
+    m.compute_dtype = "float32"              # or "bfloat16": bf16 compute, f32 params and losses
+    m.input_format = "BGR"                   # detectron2/MSRA weights; torchvision weights: RGB
+    m.pixel_mean = (103.530, 116.280, 123.675)
+    m.pixel_std = (1.0, 1.0, 1.0)
+
+    m.backbone = ml_collections.ConfigDict(dict(
+        depth=50, stem_channels=64, res2_out_channels=256, bottleneck_channels=64,
+        stride_in_1x1=True, norm="FrozenBN", freeze_at=2))
+    m.fpn = ml_collections.ConfigDict(dict(channels=256))
+    m.anchors = ml_collections.ConfigDict(dict(
+        sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), strides=(4, 8, 16, 32, 64),
+        offset=0.0))
+    m.rpn = ml_collections.ConfigDict(dict(
+        iou_thresholds=(0.3, 0.7), batch_size_per_image=256, positive_fraction=0.5,
+        bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), smooth_l1_beta=0.0, loss_weight=1.0,
+        pre_nms_topk_train=2000, pre_nms_topk_test=1000, post_nms_topk_train=1000,
+        post_nms_topk_test=1000, nms_threshold=0.7))
+    m.roi_heads = ml_collections.ConfigDict(dict(
+        iou_threshold=0.5, batch_size_per_image=512, positive_fraction=0.25,
+        pooler_resolution=7, sampling_ratio=2, max_adaptive_samples=4,
+        num_fc=2, fc_dim=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), smooth_l1_beta=0.0,
+        train_on_pred_boxes=True, score_threshold=0.05, nms_threshold=0.5,
+        detections_per_image=100, topk_candidates=1000,
+        num_mask_rois=128))
+    m.mask_head = ml_collections.ConfigDict(dict(
+        name="bmask", pooler_resolution=14, conv_dim=256, num_conv=4, loss_weight=1.0))
+    m.boundary = ml_collections.ConfigDict(dict(
+        in_features=("p2",), resolution=28, num_conv=2, mask_to_boundary=True,
+        boundary_to_mask=True, supervision="boundary", loss="dice_bce", dice_squared=False,
+        loss_weight=1.0))
+
+    # ---- data ----
+    d = c.data = ml_collections.ConfigDict()
+    d.dataset = "coco"                       # "synthetic" | "coco"
+    d.train_split = "train"
+    d.eval_split = "val"
+    d.coco_images = ""                       # image folder of a COCO-format dataset
+    d.coco_train_json = ""
+    d.coco_eval_json = ""
+    d.synthetic = ml_collections.ConfigDict(dict(
+        image_size=(128, 128), num_train=2000, num_val=200, max_instances=6))
+    d.train_short_side = (800,)
+    d.test_short_side = 800
+    d.max_size = 1333
+    d.size_divisibility = 32
+    d.canvas_buckets = ((800, 1344), (1344, 800))   # (H, W) canvases images are padded into
+    d.flip = True
+    d.max_instances = 100                    # GT padded to this many per image
+    d.gt_mask_size = 112                     # each GT mask resampled over its box, M x M
+    d.num_workers = 2
+
+    # ---- training ----
+    t = c.train = ml_collections.ConfigDict()
+    t.batch_size = 16                        # global, over all devices and hosts
+    t.base_lr = 0.02
+    t.momentum = 0.9
+    t.weight_decay = 1e-4
+    t.weight_decay_norm = 0.0
+    t.warmup_iters = 1000
+    t.warmup_factor = 0.001
+    t.lr_steps = (60000, 80000)
+    t.lr_gamma = 0.1
+    t.max_iter = 90000
+    t.log_every = 20
+    t.checkpoint_every = 5000
+    t.keep_checkpoints = 3
+    t.eval_at_end = True
+    t.init_checkpoint = ""                   # optional weights to start from (an Orbax dir)
+
+    # ---- evaluation / prediction ----
+    e = c.eval = ml_collections.ConfigDict()
+    e.batch_size = 1
+    e.num_images = -1                        # -1: the whole split
+    e.mask_threshold = 0.5
+    e.num_pictures = 8                       # val images drawn into workdir/pictures
+    c.predict = ml_collections.ConfigDict(dict(inputs="", output_dir="", score_threshold=0.5))
+    return c
+
+
+def shapes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The embedded default: the procedurally generated shapes at 128x128, a narrow ResNet-18
+    with GroupNorm trained from scratch, sized to train and evaluate in minutes on a CPU."""
+    c.data.dataset = "synthetic"
+    c.data.train_short_side = (128,)
+    c.data.test_short_side = 128
+    c.data.max_size = 128
+    c.data.canvas_buckets = ((128, 128),)
+    c.data.max_instances = 8
+    c.data.gt_mask_size = 64
+    m = c.model
+    m.num_classes = 5
+    m.input_format = "RGB"
+    m.pixel_mean = (127.5, 127.5, 127.5)
+    m.pixel_std = (64.0, 64.0, 64.0)
+    m.backbone.update(depth=18, stem_channels=32, res2_out_channels=32, norm="GN", freeze_at=0)
+    m.fpn.channels = 64
+    m.anchors.sizes = (16, 32, 64, 128, 256)
+    m.rpn.update(pre_nms_topk_train=600, pre_nms_topk_test=300, post_nms_topk_train=300,
+                 post_nms_topk_test=150, batch_size_per_image=128)
+    m.roi_heads.update(batch_size_per_image=64, fc_dim=256, topk_candidates=200,
+                       detections_per_image=20, num_mask_rois=8)
+    m.mask_head.conv_dim = 32
+    t = c.train
+    t.batch_size = 8
+    t.base_lr = 0.02
+    t.warmup_iters = 100
+    t.max_iter = 1500
+    t.lr_steps = (1100, 1350)
+    t.log_every = 20
+    t.checkpoint_every = 500
+    c.eval.batch_size = 8
+    return c

@@ -1,0 +1,112 @@
+"""Box branch: RoI sampling, the 2-FC head and predictor, losses and inference
+(detectron2's StandardROIHeads box path with FastRCNNConvFCHead and FastRCNNOutputLayers)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bmask_jax import losses
+from bmask_jax.models.layers import normal, xavier_fill
+from bmask_jax.ops import boxes as box_ops
+from bmask_jax.ops.matching import match
+from bmask_jax.ops.nms import nms
+from bmask_jax.ops.sampling import subsample_labels
+
+
+class BoxHead(nn.Module):
+    """Flatten the 7x7 RoI features, then num_fc x (FC fc_dim + ReLU)."""
+    num_fc: int = 2
+    fc_dim: int = 1024
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for i in range(self.num_fc):
+            x = nn.relu(nn.Dense(self.fc_dim, kernel_init=xavier_fill, dtype=self.dtype,
+                                 name=f"fc{i + 1}")(x))
+        return x
+
+
+class BoxPredictor(nn.Module):
+    """K+1 class logits (background last) and 4K class-specific deltas."""
+    num_classes: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        logits = nn.Dense(self.num_classes + 1, kernel_init=normal(0.01), dtype=self.dtype,
+                          name="cls_score")(x)
+        deltas = nn.Dense(4 * self.num_classes, kernel_init=normal(0.001), dtype=self.dtype,
+                          name="bbox_pred")(x)
+        return logits.astype(jnp.float32), deltas.astype(jnp.float32)
+
+
+def label_and_sample_proposals(rng, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
+                               num_classes: int, cfg):
+    """Append GT to the proposals, match at IoU cfg.iou_threshold and sample
+    cfg.batch_size_per_image RoIs, at most cfg.positive_fraction foreground. One image.
+
+    Returns dict of [S] arrays: boxes [S, 4], classes (K = background), gt_index, is_fg,
+    valid; foreground RoIs occupy the first int(S * positive_fraction) slots.
+    """
+    boxes = jnp.concatenate([proposals, gt_boxes])
+    valid = jnp.concatenate([proposal_valid, gt_valid])
+    matched, labels, _ = match(boxes, gt_boxes, gt_valid, (cfg.iou_threshold,), (0, 1),
+                               allow_low_quality_matches=False)
+    labels = jnp.where(valid, labels, -1)
+    idx, is_fg, sampled = subsample_labels(rng, labels, cfg.batch_size_per_image, cfg.positive_fraction)
+    gt_index = matched[idx]
+    classes = jnp.where(is_fg, gt_classes[gt_index], num_classes)
+    return {"boxes": boxes[idx], "classes": classes, "gt_index": gt_index, "is_fg": is_fg,
+            "valid": sampled}
+
+
+def select_class_deltas(deltas: jnp.ndarray, classes: jnp.ndarray, num_classes: int) -> jnp.ndarray:
+    """deltas [R, 4K], classes [R] (background clamped to K-1) -> [R, 4]."""
+    per_class = deltas.reshape(deltas.shape[0], num_classes, 4)
+    return jnp.take_along_axis(per_class, jnp.minimum(classes, num_classes - 1)[:, None, None], axis=1)[:, 0]
+
+
+def box_losses(logits, deltas, rois, gt_boxes, num_classes: int, cfg) -> dict[str, jnp.ndarray]:
+    """Softmax CE over sampled RoIs and L1 on foreground deltas of the GT class, summed and
+    divided by the number of sampled RoIs. All inputs flattened over the batch: logits
+    [R, K+1], deltas [R, 4K]; rois: dict from label_and_sample_proposals with [R] arrays;
+    gt_boxes: [R, 4] the matched GT box of each RoI."""
+    weights = rois["valid"].astype(jnp.float32)
+    loss_cls = losses.softmax_cross_entropy(logits, rois["classes"], weights)
+    fg = rois["is_fg"]
+    targets = box_ops.encode(rois["boxes"], gt_boxes, cfg.bbox_reg_weights)
+    targets = jnp.where(fg[:, None], targets, 0.0)
+    pred = select_class_deltas(deltas, rois["classes"], num_classes)
+    reg = losses.smooth_l1(pred, targets, cfg.smooth_l1_beta).sum(-1)
+    loss_box = jnp.sum(reg * fg) / jnp.maximum(jnp.sum(weights), 1.0)
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+
+
+def box_inference(logits, deltas, proposals, proposal_valid, image_hw, num_classes: int, cfg):
+    """Detections of one image (detectron2's fast_rcnn_inference_single_image, static).
+
+    logits [P, K+1], deltas [P, 4K], proposals [P, 4], proposal_valid [P], image_hw [2].
+    Scores > cfg.score_threshold; of those, the cfg.topk_candidates best (box, class) pairs
+    go through per-class NMS; the best cfg.detections_per_image survive.
+    Returns boxes [D, 4], scores [D], classes [D], valid [D].
+    """
+    probs = jax.nn.softmax(logits, axis=-1)[:, :num_classes]                       # [P, K]
+    boxes = box_ops.decode(deltas.reshape(-1, num_classes, 4), proposals[:, None, :],
+                           cfg.bbox_reg_weights)
+    boxes = box_ops.clip(boxes, image_hw[0], image_hw[1])                            # [P, K, 4]
+    candidate = (probs > cfg.score_threshold) & proposal_valid[:, None] \
+        & jnp.all(jnp.isfinite(boxes), axis=-1)
+    flat_scores = jnp.where(candidate, probs, -1.0).reshape(-1)
+    k = min(cfg.topk_candidates, flat_scores.shape[0])
+    scores, idx = jax.lax.top_k(flat_scores, k)
+    classes = (idx % num_classes).astype(jnp.int32)
+    cand_boxes = boxes.reshape(-1, 4)[idx]
+    keep = nms(cand_boxes, scores, cfg.nms_threshold, scores > cfg.score_threshold, classes)
+    d = min(cfg.detections_per_image, k)
+    top_scores, top = jax.lax.top_k(jnp.where(keep, scores, -1.0), d)
+    return cand_boxes[top], top_scores, classes[top], top_scores > cfg.score_threshold

@@ -1,0 +1,97 @@
+"""Building blocks shared by the model files: convs with detectron2's initialisers and
+explicit padding, FrozenBN, GroupNorm, and the 2x2 stride-2 transposed conv."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# c2_msra_fill: kaiming normal, fan_out, ReLU gain (torch computes fan_out of an OIHW kernel).
+msra_fill = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# c2_xavier_fill: kaiming uniform with a=1, i.e. uniform with variance 1 / fan_in.
+xavier_fill = jax.nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+def normal(std: float):
+    return jax.nn.initializers.normal(std)
+
+
+class Conv(nn.Module):
+    """k x k conv, NHWC, with symmetric explicit padding (k // 2 each side, as PyTorch with
+    padding=k//2; 'SAME' would pad (0, 1) at stride 2)."""
+    features: int
+    kernel: int = 3
+    stride: int = 1
+    use_bias: bool = True
+    kernel_init: Any = msra_fill
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        pad = self.kernel // 2
+        return nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
+                       padding=((pad, pad), (pad, pad)), use_bias=self.use_bias,
+                       kernel_init=self.kernel_init, dtype=self.dtype)(x)
+
+
+class Deconv2x(nn.Module):
+    """2x2 stride-2 transposed conv (ConvTranspose2d(k=2, s=2)). The 2x2 windows do not
+    overlap, so it is one matmul: out[2i+a, 2j+b] = x[i, j] @ kernel[a, b].
+    kernel[a, b, c_in, c_out] = torch_weight[c_in, c_out, a, b]."""
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c_in = x.shape[-1]
+        # torch's kaiming fan_out of an (in, out, kh, kw) weight is in * kh * kw.
+        init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=-2, out_axis=-1)
+        kernel = self.param("kernel", init, (2, 2, c_in, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel.astype(self.dtype))
+        n, h, _, w, _, o = y.shape
+        return y.reshape(n, 2 * h, 2 * w, o) + bias.astype(self.dtype)
+
+
+class FrozenBatchNorm(nn.Module):
+    """BatchNorm with fixed statistics and affine: y = x * scale + shift, where scale and
+    shift live in the 'frozen' collection (constants, never trained)."""
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.variable("frozen", "scale", lambda: jnp.ones((c,), jnp.float32)).value
+        shift = self.variable("frozen", "shift", lambda: jnp.zeros((c,), jnp.float32)).value
+        return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+def make_norm(kind: str, num_groups: int = 32, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
+    """'FrozenBN' (pretrained weights), 'GN' (training from scratch) or '' (none)."""
+    if kind == "FrozenBN":
+        return FrozenBatchNorm(name=name)
+    if kind == "GN":
+        return GroupNormAuto(num_groups, dtype=dtype, name=name)
+    if kind == "":
+        return Identity(name=name)
+    raise ValueError(f"model.backbone.norm must be 'FrozenBN', 'GN' or '', got {kind!r}")
+
+
+class GroupNormAuto(nn.Module):
+    """GroupNorm with min(num_groups, C) groups, so narrow CPU-sized models work too."""
+    num_groups: int = 32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        groups = min(self.num_groups, x.shape[-1])
+        while x.shape[-1] % groups:
+            groups -= 1
+        return nn.GroupNorm(num_groups=groups, epsilon=1e-5, dtype=self.dtype)(x)
+
+
+class Identity(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x

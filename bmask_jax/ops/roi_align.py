@@ -1,0 +1,126 @@
+"""Multilevel RoIAlign (detectron2's ROIPooler with ROIAlignV2) with static shapes.
+
+The pyramid levels are flattened into one [sum(H_l * W_l), C] table so every sample of every
+RoI, whatever its level, is one gather: no per-level loop, no dynamic shapes. Bilinear
+interpolation follows torchvision's roi_align kernel exactly (aligned=True: half-pixel offset;
+samples further than one pixel outside the map count as zero; edges are clamped).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def assign_levels(boxes: jnp.ndarray, min_level: int, max_level: int,
+                  canonical_box_size: float = 224.0, canonical_level: int = 4) -> jnp.ndarray:
+    """FPN level index (0 = min_level) for each box [..., 4], as detectron2's
+    assign_boxes_to_levels: floor(4 + log2(sqrt(area) / 224 + 1e-8)), clamped."""
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    size = jnp.sqrt(jnp.maximum(w * h, 0.0))
+    level = jnp.floor(canonical_level + jnp.log2(size / canonical_box_size + 1e-8))
+    return (jnp.clip(level, min_level, max_level) - min_level).astype(jnp.int32)
+
+
+def _axis_samples(start, bin_size, output_size, grid, sample, size):
+    """Sample coordinates along one axis and their bilinear corners.
+
+    start, bin_size, grid, size: [R]; sample: which sub-sample of the bin (python int).
+    Returns (low [R, out] int32, high, w_low [R, out], w_high, inside [R, out] bool).
+    """
+    bins = jnp.arange(output_size, dtype=jnp.float32)
+    coord = start[:, None] + bins[None, :] * bin_size[:, None] \
+        + (sample + 0.5) * bin_size[:, None] / jnp.maximum(grid, 1)[:, None]
+    size = size[:, None]
+    inside = (coord >= -1.0) & (coord <= size)
+    coord = jnp.maximum(coord, 0.0)
+    low = jnp.floor(coord)
+    at_edge = low >= size - 1
+    low = jnp.where(at_edge, size - 1, low)
+    high = jnp.where(at_edge, size - 1, low + 1)
+    coord = jnp.where(at_edge, low, coord)
+    frac = coord - low
+    return low.astype(jnp.int32), high.astype(jnp.int32), 1.0 - frac, frac, inside
+
+
+def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.ndarray,
+              strides: Sequence[int], output_size: int, sampling_ratio: int = 2,
+              aligned: bool = True, max_adaptive_samples: int = 4) -> jnp.ndarray:
+    """Pool a fixed-size feature grid for each box from its pyramid level.
+
+    features: per level [H_l, W_l, C] (one image); boxes: [R, 4] (x1, y1, x2, y2) in image
+    pixels; levels: [R] int index into `features`; strides: per level.
+    sampling_ratio > 0: that many samples per bin side (static). 0: torchvision's adaptive
+    ceil(roi_size / output_size) per side, computed per RoI up to max_adaptive_samples (exact
+    for RoIs that need no more, which is every RoI no larger than that many bins' worth of
+    pixels on its level; the rest are sampled with the cap).
+    Returns [R, output_size, output_size, C] in the features' dtype.
+    """
+    channels = features[0].shape[-1]
+    # Each row of the table holds a pixel and its right, lower and lower-right neighbours
+    # (zero beyond the map), so one gather fetches all four bilinear corners; the backward
+    # pass then scatters a quarter as many rows, which is what a CPU is slow at.
+    def corners(f):
+        p = jnp.pad(f, ((0, 1), (0, 1), (0, 0)))
+        h, w = f.shape[:2]
+        return jnp.concatenate([p[:h, :w], p[:h, 1:], p[1:, :w], p[1:, 1:]], axis=-1)
+    table = jnp.concatenate([corners(f).reshape(-1, 4 * channels) for f in features], axis=0)
+    heights = np.array([f.shape[0] for f in features], np.float32)
+    widths = np.array([f.shape[1] for f in features], np.float32)
+    offsets = np.cumsum([0] + [f.shape[0] * f.shape[1] for f in features])[:-1].astype(np.int32)
+
+    scale = jnp.asarray(1.0 / np.asarray(strides, np.float32))[levels]
+    height = jnp.asarray(heights)[levels]
+    width = jnp.asarray(widths)[levels]
+    offset = jnp.asarray(offsets)[levels]
+    row_stride = width.astype(jnp.int32)
+
+    half = 0.5 if aligned else 0.0
+    boxes = boxes.astype(jnp.float32)
+    x1 = boxes[:, 0] * scale - half
+    y1 = boxes[:, 1] * scale - half
+    roi_w = boxes[:, 2] * scale - half - x1
+    roi_h = boxes[:, 3] * scale - half - y1
+    if not aligned:
+        roi_w = jnp.maximum(roi_w, 1.0)
+        roi_h = jnp.maximum(roi_h, 1.0)
+    bin_w = roi_w / output_size
+    bin_h = roi_h / output_size
+
+    if sampling_ratio > 0:
+        num_samples = sampling_ratio
+        grid_h = jnp.full(boxes.shape[:1], float(sampling_ratio))
+        grid_w = grid_h
+    else:
+        num_samples = max_adaptive_samples
+        grid_h = jnp.clip(jnp.ceil(roi_h / output_size), 0, max_adaptive_samples)
+        grid_w = jnp.clip(jnp.ceil(roi_w / output_size), 0, max_adaptive_samples)
+    count = jnp.maximum(grid_h * grid_w, 1.0)
+
+    ys = [_axis_samples(y1, bin_h, output_size, grid_h, s, height) for s in range(num_samples)]
+    xs = [_axis_samples(x1, bin_w, output_size, grid_w, s, width) for s in range(num_samples)]
+    out = jnp.zeros((boxes.shape[0], output_size, output_size, channels), jnp.float32)
+    for sy, (y_lo, y_hi, wy_lo, wy_hi, y_in) in enumerate(ys):
+        y_used = y_in & (sy < grid_h)[:, None]
+        for sx, (x_lo, x_hi, wx_lo, wx_hi, x_in) in enumerate(xs):
+            used = (y_used[:, :, None] & (x_in & (sx < grid_w)[:, None])[:, None, :])
+            used = used.astype(jnp.float32)
+            index = offset[:, None, None] + y_lo[:, :, None] * row_stride[:, None, None] \
+                + x_lo[:, None, :]                                               # [R, out, out]
+            weights = jnp.stack([wy_lo[:, :, None] * wx_lo[:, None, :], wy_lo[:, :, None] * wx_hi[:, None, :],
+                                 wy_hi[:, :, None] * wx_lo[:, None, :], wy_hi[:, :, None] * wx_hi[:, None, :]],
+                                axis=-1) * used[..., None]                       # [R, out, out, 4]
+            values = table[index].astype(jnp.float32).reshape(*index.shape, 4, channels)
+            out = out + jnp.einsum("rijk,rijkc->rijc", weights, values)
+    return (out / count[:, None, None, None]).astype(features[0].dtype)
+
+
+def bilinear_crop(image: jnp.ndarray, boxes: jnp.ndarray, output_size: int,
+                  sampling_ratio: int = 2) -> jnp.ndarray:
+    """Aligned RoIAlign of a single-channel map [H, W] for boxes [R, 4] in its pixel
+    coordinates -> [R, output_size, output_size]."""
+    return roi_align([image[..., None]], boxes, jnp.zeros(boxes.shape[0], jnp.int32), [1],
+                     output_size, sampling_ratio)[..., 0]
+

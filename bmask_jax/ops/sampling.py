@@ -1,0 +1,33 @@
+"""Fixed-size positive/negative sampling (detectron2's subsample_labels, static shapes)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def subsample_labels(rng: jax.Array, labels: jnp.ndarray, num_samples: int,
+                     positive_fraction: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """Sample at most `num_samples` of the labelled entries, at most a fraction positive.
+
+    labels: [N] int, 1 positive, 0 negative, -1 ignore. As detectron2: take
+    min(#pos, int(num_samples * positive_fraction)) positives at random, then fill up to
+    num_samples with random negatives.
+    Returns (indices [num_samples] int32, is_positive [num_samples] bool, valid [num_samples]
+    bool). Positives come first, so every positive lies in the first
+    int(num_samples * positive_fraction) slots; slots beyond the number sampled are invalid.
+    """
+    n = labels.shape[0]
+    num_samples = min(num_samples, n)
+    max_pos = min(int(num_samples * positive_fraction), n)
+    rand = jax.random.uniform(rng, (n,))
+    pos = labels == 1
+    neg = labels == 0
+    # The max_pos random positives: top-k of random keys restricted to positives.
+    pos_key = jnp.where(pos, rand, -1.0)
+    top_val, top_idx = jax.lax.top_k(pos_key, max_pos)
+    chosen_pos = jnp.zeros(n, bool).at[top_idx].set(top_val >= 0)
+    # Chosen positives rank above negatives, negatives above everything else; the top
+    # num_samples then holds all chosen positives followed by num_samples - num_pos negatives.
+    priority = jnp.where(chosen_pos, 2.0 + rand, jnp.where(neg, 1.0 + rand, 0.0))
+    top_priority, indices = jax.lax.top_k(priority, num_samples)
+    return indices.astype(jnp.int32), top_priority >= 2.0, top_priority >= 1.0
