@@ -81,7 +81,7 @@ def base() -> ml_collections.ConfigDict:
     t.checkpoint_every = 5000
     t.keep_checkpoints = 3
     t.eval_at_end = True
-    t.init_checkpoint = ""                   # optional weights to start from (an Orbax dir)
+    t.skip_nonfinite = False                 # True: skip steps with a non-finite loss, counted
 
     # ---- evaluation / prediction ----
     e = c.eval = ml_collections.ConfigDict()
@@ -126,3 +126,28 @@ def shapes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t.checkpoint_every = 500
     c.eval.batch_size = 8
     return c
+
+
+def coco(c: ml_collections.ConfigDict, depth: int = 50) -> ml_collections.ConfigDict:
+    """COCO 2017, 80 classes, 800x1333, 1x schedule (SPEC section 8). Point data.coco_* at
+    the images and instances JSON files."""
+    c.data.dataset = "coco"
+    c.data.coco_images = "datasets/coco/train2017"
+    c.data.coco_train_json = "datasets/coco/annotations/instances_train2017.json"
+    c.data.coco_eval_json = "datasets/coco/annotations/instances_val2017.json"
+    c.data.canvas_buckets = ((800, 1344), (1344, 800), (1344, 1344))
+    c.model.backbone.depth = depth
+    return c
+
+
+VARIANTS = {
+    "shapes": shapes,
+    "r50_fpn_1x": lambda c: coco(c, 50),
+    "r101_fpn_1x": lambda c: coco(c, 101),
+}
+
+
+def variant(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown config variant {name!r}; choose one of {sorted(VARIANTS)}")
+    return VARIANTS[name](c)

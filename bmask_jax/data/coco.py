@@ -1,0 +1,116 @@
+"""Any COCO-format instance segmentation dataset: an instances JSON and an image folder.
+
+Served through the same interface as the synthetic dataset (see data/synthetic.py):
+dataset[i] -> image, boxes, classes (contiguous 0..K-1 in category-id order), masks,
+iscrowd; coco_dict() -> the ground truth for pycocotools; category_ids maps back.
+Annotations that cannot be used are skipped, counted by reason and reported once.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from bmask_jax.data.images import load_rgb
+
+
+class CocoJsonDataset:
+    def __init__(self, json_path: str, image_dir: str):
+        if not json_path or not os.path.isfile(json_path):
+            raise FileNotFoundError(f"COCO annotations not found: {json_path!r} (set data.coco_train_json / "
+                                    "data.coco_eval_json)")
+        with open(json_path) as f:
+            try:
+                gt = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{json_path} is not valid JSON: {e}") from e
+        for key in ("images", "annotations", "categories"):
+            if key not in gt:
+                raise ValueError(f"{json_path} has no '{key}' list; is it a COCO instances file?")
+        self.json_path = json_path
+        self.image_dir = image_dir
+        cats = sorted(gt["categories"], key=lambda c: c["id"])
+        self.category_ids = [c["id"] for c in cats]
+        self.class_names = tuple(c["name"] for c in cats)
+        self.num_classes = len(cats)
+        self.name = os.path.basename(json_path)
+        self._contiguous = {cid: k for k, cid in enumerate(self.category_ids)}
+        self.images = sorted(gt["images"], key=lambda im: im["id"])
+        self._position = {im["id"]: i for i, im in enumerate(self.images)}
+        self.skipped = collections.Counter()
+        anns = collections.defaultdict(list)
+        kept = []
+        for a in gt["annotations"]:
+            where = f"annotation id {a.get('id')} in {json_path}"
+            if a.get("image_id") not in self._position:
+                self.skipped["unknown image_id"] += 1
+                logging.warning("%s: image_id %s is not in 'images'; skipped", where, a.get("image_id"))
+                continue
+            if a.get("category_id") not in self._contiguous:
+                self.skipped["unknown category_id"] += 1
+                logging.warning("%s: category_id %s is not in 'categories'; skipped", where, a.get("category_id"))
+                continue
+            x, y, w, h = a.get("bbox", (0, 0, 0, 0))
+            if w <= 0 or h <= 0:
+                self.skipped["box of zero or negative size"] += 1
+                continue
+            anns[a["image_id"]].append(a)
+            kept.append(a)
+        self._anns = anns
+        self._gt = dict(gt, annotations=kept)
+        if self.skipped:
+            logging.warning("%s: skipped %d annotations: %s", json_path, sum(self.skipped.values()),
+                            dict(self.skipped))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def index_of(self, image_id: int) -> int:
+        return self._position[image_id]
+
+    def coco_dict(self) -> dict:
+        return self._gt
+
+    def _mask(self, a: dict, h: int, w: int) -> np.ndarray | None:
+        seg = a.get("segmentation")
+        if isinstance(seg, list):
+            polys = [p for p in seg if len(p) >= 6]
+            if len(polys) < len(seg):
+                self.skipped["polygon with fewer than 3 points"] += len(seg) - len(polys)
+            if not polys:
+                return None
+            rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+        elif isinstance(seg, dict) and "counts" in seg:
+            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        else:
+            self.skipped["missing segmentation"] += 1
+            return None
+        return mask_utils.decode(rle).astype(np.uint8)
+
+    def __getitem__(self, i: int) -> dict:
+        info = self.images[i]
+        path = os.path.join(self.image_dir, info["file_name"])
+        image = load_rgb(path)
+        h, w = image.shape[:2]
+        if (info.get("height", h), info.get("width", w)) != (h, w):
+            raise ValueError(f"{path} is {h}x{w} but {self.json_path} says "
+                             f"{info.get('height')}x{info.get('width')} (image id {info['id']})")
+        boxes, classes, masks, crowd = [], [], [], []
+        for a in self._anns.get(info["id"], []):
+            m = self._mask(a, h, w)
+            if m is None:
+                continue
+            x, y, bw, bh = a["bbox"]
+            boxes.append([x, y, x + bw, y + bh])
+            classes.append(self._contiguous[a["category_id"]])
+            masks.append(m)
+            crowd.append(bool(a.get("iscrowd", 0)))
+        return {"image_id": info["id"], "image": image, "file_name": info["file_name"],
+                "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+                "classes": np.asarray(classes, np.int32),
+                "masks": np.asarray(masks, np.uint8).reshape(-1, h, w),
+                "iscrowd": np.asarray(crowd, bool)}

@@ -1,0 +1,20 @@
+"""Reading image files as RGB uint8."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3] with EXIF orientation applied; grayscale, RGBA (alpha dropped) and
+    16-bit images are converted. Unreadable or missing files raise ValueError naming the path."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, np.float64)
+                arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
+                return np.repeat(arr[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e

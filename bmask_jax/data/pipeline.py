@@ -1,0 +1,143 @@
+"""Batches for training and evaluation.
+
+The training batch of step t is a pure function of (seed, t): image order comes from a
+per-epoch permutation and augmentation from a per-(epoch, index) generator. Resuming at step
+t therefore replays exactly the images the uninterrupted run would have seen, with no
+iterator state to save. Each process prepares only its own slice of the global batch.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from typing import Iterator
+
+import numpy as np
+
+from bmask_jax.data.transforms import prepare_example
+
+STACK_KEYS = ("image", "image_hw", "scale", "orig_hw", "image_id", "gt_boxes", "gt_classes",
+              "gt_valid", "gt_masks", "num_dropped")
+
+
+def build_dataset(data_cfg, split: str):
+    """The dataset named by data.dataset for a split ('train' or 'val')."""
+    if data_cfg.dataset == "synthetic":
+        from bmask_jax.data.synthetic import SyntheticShapes
+        s = data_cfg.synthetic
+        num = s.num_train if split == "train" else s.num_val
+        return SyntheticShapes(split, num_images=num, image_size=tuple(s.image_size), seed=0,
+                               max_instances=s.max_instances)
+    if data_cfg.dataset == "coco":
+        from bmask_jax.data.coco import CocoJsonDataset
+        json_path = data_cfg.coco_train_json if split == "train" else data_cfg.coco_eval_json
+        return CocoJsonDataset(json_path, data_cfg.coco_images)
+    raise ValueError(f"data.dataset must be 'synthetic' or 'coco', got {data_cfg.dataset!r}")
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {k: np.stack([e[k] for e in examples]) for k in STACK_KEYS if k in examples[0]}
+
+
+class TrainBatches:
+    """Deterministic, resumable training batches with background preparation.
+
+    batch(step) -> dict of numpy arrays with leading dim local_batch (this process's share).
+    """
+
+    def __init__(self, dataset, data_cfg, global_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, num_workers: int = 2):
+        if global_batch % process_count:
+            raise ValueError(f"train.batch_size={global_batch} must divide among {process_count} processes")
+        self.dataset = dataset
+        self.cfg = data_cfg
+        self.global_batch = global_batch
+        self.local_batch = global_batch // process_count
+        self.process_index = process_index
+        self.seed = seed
+        self.num_dropped = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(num_workers, 1))
+        self._pending: dict[int, concurrent.futures.Future] = {}
+
+    def indices(self, step: int) -> np.ndarray:
+        """Dataset indices of this process's share of the global batch at `step`."""
+        n = len(self.dataset)
+        start = step * self.global_batch + self.process_index * self.local_batch
+        positions = np.arange(start, start + self.local_batch)
+        out = np.empty(self.local_batch, np.int64)
+        for epoch in np.unique(positions // n):
+            perm = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
+            sel = positions // n == epoch
+            out[sel] = perm[positions[sel] % n]
+        return out
+
+    def _example(self, step: int, slot: int, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, slot, 1])
+        c = self.cfg
+        short = int(rng.choice(np.asarray(c.train_short_side)))
+        flip = bool(c.flip and rng.random() < 0.5)
+        return prepare_example(self.dataset[int(index)], short, c.max_size, c.canvas_buckets, flip,
+                               c.max_instances, c.gt_mask_size)
+
+    def _make(self, step: int) -> dict:
+        examples = [self._example(step, i, idx) for i, idx in enumerate(self.indices(step))]
+        hws = {e["image"].shape for e in examples}
+        if len(hws) > 1:
+            # Different buckets in one batch: pad all to the largest, which is also a bucket.
+            big = max(hws, key=lambda s: s[0] * s[1])
+            for e in examples:
+                if e["image"].shape != big:
+                    canvas = np.zeros(big, np.uint8)
+                    h, w = e["image"].shape[:2]
+                    if h > big[0] or w > big[1]:
+                        raise ValueError(f"images of one batch need canvases {sorted(hws)} that do not "
+                                         "nest; add a bucket that holds both to data.canvas_buckets")
+                    canvas[:h, :w] = e["image"]
+                    e["image"] = canvas
+        return _stack(examples)
+
+    def batch(self, step: int, prefetch: int = 2) -> dict:
+        for s in range(step, step + prefetch + 1):
+            if s not in self._pending:
+                self._pending[s] = self._pool.submit(self._make, s)
+        for s in [s for s in self._pending if s < step]:
+            self._pending.pop(s).cancel()
+        out = self._pending.pop(step).result()
+        dropped = int(out["num_dropped"].sum())
+        if dropped:
+            self.num_dropped += dropped
+            logging.warning("step %d: %d instances beyond data.max_instances=%d were not trained on "
+                            "(%d so far)", step, dropped, self.cfg.max_instances, self.num_dropped)
+        return out
+
+    def close(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def eval_batches(dataset, data_cfg, batch_size: int, num_images: int = -1,
+                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+    """Fixed-size evaluation batches over the dataset in order (this process's share); the
+    last batch is padded by repeating its final image, with `is_real` False on the padding."""
+    n = len(dataset) if num_images < 0 else min(num_images, len(dataset))
+    c = data_cfg
+    mine = list(range(process_index, n, process_count))
+    with concurrent.futures.ThreadPoolExecutor(max(c.num_workers, 1)) as pool:
+        def prep(i):
+            return prepare_example(dataset[i], c.test_short_side, c.max_size, c.canvas_buckets, False,
+                                   c.max_instances, c.gt_mask_size, with_gt=False)
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            examples = list(pool.map(prep, chunk))
+            real = [True] * len(examples) + [False] * (batch_size - len(examples))
+            examples += [examples[-1]] * (batch_size - len(examples))
+            shapes = {e["image"].shape for e in examples}
+            if len(shapes) > 1:
+                # Evaluate mixed canvases one image at a time rather than recompile per mix.
+                for e, r in zip(examples, real):
+                    if r:
+                        b = _stack([e] * batch_size)
+                        b["is_real"] = np.array([True] + [False] * (batch_size - 1))
+                        yield b
+                continue
+            b = _stack(examples)
+            b["is_real"] = np.array(real)
+            yield b

@@ -1,0 +1,115 @@
+"""Per-image preprocessing on the host: resize, flip, pad to a canvas bucket, and the
+fixed-size ground truth the jitted step expects (numpy only)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def resize_shortest_edge(hw: tuple[int, int], short: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge: short side to `short`, long side at most `max_size`."""
+    h, w = hw
+    scale = short / min(h, w)
+    if max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_image(image: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an RGB uint8 image."""
+    if image.shape[:2] == tuple(new_hw):
+        return image
+    return np.asarray(Image.fromarray(image).resize((new_hw[1], new_hw[0]), Image.BILINEAR))
+
+
+def choose_canvas(hw: tuple[int, int], buckets: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The smallest (by area) canvas bucket that holds an image of size hw."""
+    fits = [tuple(b) for b in buckets if b[0] >= hw[0] and b[1] >= hw[1]]
+    if not fits:
+        raise ValueError(f"an image resized to {hw[0]}x{hw[1]} fits none of data.canvas_buckets "
+                         f"{[tuple(b) for b in buckets]}; add a bucket at least that large")
+    return min(fits, key=lambda b: b[0] * b[1])
+
+
+def crop_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """Resample each mask over its own box to size x size (aligned bilinear, as RoIAlign with
+    one sample per bin).
+
+    masks: [N, H, W] binary; boxes: [N, 4] in the masks' pixel frame -> [N, size, size]
+    uint8 (probability * 255). Mask targets for any RoI are later pooled from this crop.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return np.zeros((0, size, size), np.uint8)
+    t = (np.arange(size, dtype=np.float32) + 0.5) / size
+    xs = boxes[:, 0:1] + t[None] * (boxes[:, 2:3] - boxes[:, 0:1]) - 0.5      # [N, size]
+    ys = boxes[:, 1:2] + t[None] * (boxes[:, 3:4] - boxes[:, 1:2]) - 0.5
+    xs = np.clip(xs, 0, w - 1)
+    ys = np.clip(ys, 0, h - 1)
+    x0 = np.floor(xs).astype(np.int64)
+    y0 = np.floor(ys).astype(np.int64)
+    x1 = np.minimum(x0 + 1, w - 1)
+    y1 = np.minimum(y0 + 1, h - 1)
+    fx = (xs - x0)[:, None, :]
+    fy = (ys - y0)[:, :, None]
+    m = masks.astype(np.float32)
+    idx = np.arange(n)[:, None, None]
+    top = m[idx, y0[:, :, None], x0[:, None, :]] * (1 - fx) + m[idx, y0[:, :, None], x1[:, None, :]] * fx
+    bottom = m[idx, y1[:, :, None], x0[:, None, :]] * (1 - fx) + m[idx, y1[:, :, None], x1[:, None, :]] * fx
+    return np.round((top * (1 - fy) + bottom * fy) * 255).astype(np.uint8)
+
+
+def prepare_example(example: dict, short_side: int, max_size: int, buckets, flip: bool,
+                    max_instances: int, gt_mask_size: int, with_gt: bool = True) -> dict:
+    """One dataset example -> fixed-shape arrays for the model.
+
+    example: image [H, W, 3] uint8, and for training boxes [N, 4], classes [N], masks
+    [N, H, W], iscrowd [N] (optional). Crowd instances and boxes that are empty after
+    resizing are not trained on; beyond max_instances the largest are kept and
+    `num_dropped` counts the rest, so the caller can report them.
+    """
+    image = example["image"]
+    h, w = image.shape[:2]
+    new_hw = resize_shortest_edge((h, w), short_side, max_size)
+    canvas_hw = choose_canvas(new_hw, buckets)
+    resized = resize_image(image, new_hw)
+    if flip:
+        resized = resized[:, ::-1]
+    canvas = np.zeros((*canvas_hw, 3), np.uint8)
+    canvas[:new_hw[0], :new_hw[1]] = resized
+    out = {"image": canvas, "image_hw": np.array(new_hw, np.int32),
+           "scale": np.array([new_hw[0] / h, new_hw[1] / w], np.float32),
+           "orig_hw": np.array([h, w], np.int32), "image_id": np.int64(example.get("image_id", -1))}
+    if not with_gt:
+        return out
+    boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
+    classes = np.asarray(example["classes"], np.int32).reshape(-1)
+    masks = np.asarray(example["masks"]).reshape(-1, h, w)
+    keep = ~np.asarray(example.get("iscrowd", np.zeros(len(boxes), bool)), bool)
+    sy, sx = new_hw[0] / h, new_hw[1] / w
+    scaled = boxes * np.array([sx, sy, sx, sy], np.float32)
+    keep &= (scaled[:, 2] - scaled[:, 0] > 0) & (scaled[:, 3] - scaled[:, 1] > 0)
+    order = np.nonzero(keep)[0]
+    areas = (scaled[order, 2] - scaled[order, 0]) * (scaled[order, 3] - scaled[order, 1])
+    order = order[np.argsort(-areas, kind="stable")]
+    num_dropped = max(len(order) - max_instances, 0)
+    order = order[:max_instances]
+    crops = crop_masks_to_boxes(masks[order], boxes[order], gt_mask_size)
+    scaled = scaled[order]
+    if flip:
+        scaled = np.stack([new_hw[1] - scaled[:, 2], scaled[:, 1], new_hw[1] - scaled[:, 0], scaled[:, 3]], 1)
+        crops = crops[:, :, ::-1]
+    g = len(order)
+    gt_boxes = np.zeros((max_instances, 4), np.float32)
+    gt_boxes[:g] = scaled
+    gt_classes = np.zeros((max_instances,), np.int32)
+    gt_classes[:g] = classes[order]
+    gt_valid = np.zeros((max_instances,), bool)
+    gt_valid[:g] = True
+    gt_masks = np.zeros((max_instances, gt_mask_size, gt_mask_size), np.uint8)
+    gt_masks[:g] = crops
+    out.update(gt_boxes=gt_boxes, gt_classes=gt_classes, gt_valid=gt_valid, gt_masks=gt_masks,
+               num_dropped=np.int32(num_dropped))
+    return out

@@ -1,0 +1,120 @@
+"""Inference over a split, COCO results JSON, pycocotools AP, the AP-vs-IoU curve, pictures."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+
+from bmask_jax.coco_eval import coco_evaluate, plot_ap_vs_iou
+from bmask_jax.data.pipeline import build_dataset, eval_batches
+from bmask_jax.models.bmask_rcnn import BMaskRCNN
+from bmask_jax.ops.masks import masks_to_rle, paste_masks
+from bmask_jax.visualize import draw_instances, save_image
+
+DETECT_KEYS = ("image", "image_hw")
+
+
+def make_detector(config):
+    """A jitted function (variables, batch) -> detections on the canvas."""
+    model = BMaskRCNN(config.model)
+    return jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
+
+
+def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float) -> dict:
+    """Detections of image i of a batch in original-image pixels, masks pasted at full size.
+    Returns boxes [N, 4], scores, classes, masks [N, H, W] bool, boundaries or None."""
+    valid = det["valid"][i]
+    sy, sx = float(scale[0]), float(scale[1])
+    boxes = det["boxes"][i][valid] / np.array([sx, sy, sx, sy], np.float32)
+    hw = (int(orig_hw[0]), int(orig_hw[1]))
+    out = {"boxes": boxes, "scores": det["scores"][i][valid], "classes": det["classes"][i][valid],
+           "masks": paste_masks(det["mask_probs"][i][valid], boxes, hw, mask_threshold),
+           "boundaries": None}
+    if "boundary_probs" in det:
+        out["boundaries"] = paste_masks(det["boundary_probs"][i][valid], boxes, hw, 0.5)
+    return out
+
+
+def to_coco_results(image_id: int, inst: dict, category_ids) -> list[dict]:
+    rles = masks_to_rle(inst["masks"])
+    out = []
+    for box, score, cls, rle in zip(inst["boxes"], inst["scores"], inst["classes"], rles):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        out.append({"image_id": int(image_id), "category_id": int(category_ids[int(cls)]),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score), "segmentation": rle})
+    return out
+
+
+def evaluate(config, workdir: str, variables: dict) -> dict:
+    """Run the model over data.eval_split, write detections.json, metrics.json, the AP-vs-IoU
+    plot and pictures of the first eval.num_pictures images into workdir; return the metrics."""
+    dataset = build_dataset(config.data, config.data.eval_split)
+    category_ids = getattr(dataset, "category_ids", [k + 1 for k in range(dataset.num_classes)])
+    detect = make_detector(config)
+    results, pictures = [], []
+    pic_dir = os.path.join(workdir, "pictures")
+    os.makedirs(pic_dir, exist_ok=True)
+    for batch in eval_batches(dataset, config.data, config.eval.batch_size, config.eval.num_images):
+        det = jax.device_get(detect(variables, {k: batch[k] for k in DETECT_KEYS}))
+        for i in np.nonzero(batch["is_real"])[0]:
+            inst = postprocess(det, i, batch["scale"][i], batch["orig_hw"][i], config.eval.mask_threshold)
+            image_id = int(batch["image_id"][i])
+            results.extend(to_coco_results(image_id, inst, category_ids))
+            if len(pictures) < config.eval.num_pictures:
+                pictures.append(image_id)
+                image = dataset[dataset_index(dataset, image_id)]["image"]
+                drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
+                                       dataset.class_names, inst["boundaries"], config.predict.score_threshold)
+                save_image(os.path.join(pic_dir, f"{image_id:06d}.png"), drawn)
+    gt = dataset.coco_dict()
+    if config.eval.num_images >= 0:
+        keep = {im["id"] for im in gt["images"][:config.eval.num_images]}
+        gt = dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
+                  annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
+    metrics = {"bbox": coco_evaluate(gt, results, "bbox"), "segm": coco_evaluate(gt, results, "segm"),
+               "num_images": len(gt["images"]), "num_detections": len(results)}
+    with open(os.path.join(workdir, "detections.json"), "w") as f:
+        json.dump(results, f)
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    plot_ap_vs_iou({"bbox": metrics["bbox"]["AP_per_iou"], "segm": metrics["segm"]["AP_per_iou"]},
+                   os.path.join(workdir, "ap_vs_iou.png"),
+                   title=f"AP vs IoU threshold ({config.model.mask_head.name})")
+    summary = format_metrics(metrics)
+    logging.info("\n%s", summary)
+    print(summary, flush=True)
+    return metrics
+
+
+def dataset_index(dataset, image_id: int) -> int:
+    """Position of an image id in the dataset (synthetic ids are index + 1)."""
+    if hasattr(dataset, "index_of"):
+        return dataset.index_of(image_id)
+    return image_id - 1
+
+
+def format_metrics(metrics: dict) -> str:
+    lines = [f"COCO evaluation on {metrics['num_images']} images ({metrics['num_detections']} detections)",
+             f"{'':6s}{'AP':>7s}{'AP50':>7s}{'AP75':>7s}{'APs':>7s}{'APm':>7s}{'APl':>7s}"]
+    for kind in ("bbox", "segm"):
+        m = metrics[kind]
+        lines.append(f"{kind:6s}" + "".join(f"{100 * m[k]:7.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    return "\n".join(lines)
+
+
+def restore_variables(config, workdir: str) -> dict:
+    """Parameters of the latest checkpoint in workdir."""
+    from bmask_jax import checkpoints
+    from bmask_jax.train import create_train_state
+    model = BMaskRCNN(config.model)
+    state, _ = create_train_state(config, model, jax.random.PRNGKey(config.seed))
+    mgr = checkpoints.manager(workdir, config.train.keep_checkpoints, async_save=False)
+    restored = checkpoints.restore_latest(mgr, state)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train first "
+                                "(--mode=train) or point --workdir at a trained run")
+    logging.info("restored step %d from %s", int(restored.step), mgr.directory)
+    return {"params": restored.params, "frozen": restored.frozen}

@@ -1,0 +1,51 @@
+"""Entry point: python -m bmask_jax.main --config configs/bmask_rcnn.py:shapes --workdir DIR
+[--mode train|evaluate|predict] [--config.train.max_iter=...]."""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:variant.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and pictures.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "predict"],
+                  "train (then evaluate), evaluate the latest checkpoint, or predict on images.")
+flags.DEFINE_string("coordinator", "", "host:port of process 0 for multi-host runs (jax.distributed).")
+flags.DEFINE_integer("num_processes", 0, "Number of processes in a multi-host run.")
+flags.DEFINE_integer("process_id", -1, "This process's index in a multi-host run.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    # Our own progress goes to the progress bar and stdout; libraries (orbax) log at INFO.
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    # Compiled programs are cached across runs (tests, resume, evaluate after train).
+    import jax
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("BMASK_JAX_CACHE", os.path.expanduser("~/.cache/bmask_jax/xla")))
+    from bmask_jax import sharding
+    sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    config = FLAGS.config
+    if FLAGS.mode == "train":
+        from bmask_jax.train import train_and_evaluate
+        train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "evaluate":
+        from bmask_jax.evaluate import evaluate, restore_variables
+        evaluate(config, FLAGS.workdir, restore_variables(config, FLAGS.workdir))
+    else:
+        from bmask_jax.data.pipeline import build_dataset
+        from bmask_jax.evaluate import restore_variables
+        from bmask_jax.predict import predict
+        class_names = build_dataset(config.data, config.data.eval_split).class_names
+        out_dir = config.predict.output_dir or os.path.join(FLAGS.workdir, "predictions")
+        path = predict(config, restore_variables(config, FLAGS.workdir), class_names, out_dir)
+        print(f"wrote pictures and {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

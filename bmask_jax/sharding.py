@@ -1,0 +1,40 @@
+"""Data parallelism: one mesh axis 'data' over every device of every process; the batch is
+sharded along it, parameters and optimizer state are replicated."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    """jax.distributed set-up for multi-host runs. With no arguments, JAX detects Cloud TPU
+    and SLURM environments itself; BMASK_COORDINATOR / BMASK_NUM_PROCESSES / BMASK_PROCESS_ID
+    give explicit values (e.g. several CPU processes on one machine)."""
+    coordinator = coordinator or os.environ.get("BMASK_COORDINATOR", "")
+    num_processes = num_processes or int(os.environ.get("BMASK_NUM_PROCESSES", "0"))
+    process_id = process_id if process_id >= 0 else int(os.environ.get("BMASK_PROCESS_ID", "-1"))
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    elif "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+        jax.distributed.initialize()
+
+
+def make_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P("data"))
+
+
+def global_batch(local: dict, mesh: Mesh) -> dict:
+    """Assemble the global batch from each process's local slice (leading axis)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

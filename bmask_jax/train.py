@@ -1,0 +1,254 @@
+"""Train state, optimizer, the jitted train step and the training loop."""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bmask_jax import checkpoints, sharding
+from bmask_jax.data.pipeline import TrainBatches, build_dataset
+from bmask_jax.models.bmask_rcnn import BMaskRCNN
+
+MODEL_KEYS = ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid", "gt_masks")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    frozen: Any            # FrozenBN scale/shift: constants, not trained
+    opt_state: Any
+    first_nonfinite_step: jnp.ndarray   # -1 until a step produced a non-finite loss or gradient
+    num_skipped: jnp.ndarray            # steps skipped because they were non-finite
+
+
+def learning_rate(train_cfg):
+    """detectron2's WarmupMultiStepLR: linear warmup from warmup_factor, x gamma at each step."""
+    t = train_cfg
+    steps = tuple(t.lr_steps)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        alpha = jnp.minimum(step / max(t.warmup_iters, 1), 1.0)
+        warmup = jnp.where(step < t.warmup_iters, t.warmup_factor * (1 - alpha) + alpha, 1.0)
+        decays = sum(jnp.where(step >= s, 1, 0) for s in steps) if steps else 0
+        return t.base_lr * warmup * (t.lr_gamma ** decays)
+
+    return schedule
+
+
+def learning_rate_np(train_cfg, step: int) -> float:
+    """The same schedule on the host, for logging without a device round trip."""
+    t = train_cfg
+    alpha = min(step / max(t.warmup_iters, 1), 1.0)
+    warmup = t.warmup_factor * (1 - alpha) + alpha if step < t.warmup_iters else 1.0
+    return t.base_lr * warmup * t.lr_gamma ** bisect.bisect_right(sorted(t.lr_steps), step)
+
+
+def parameter_labels(params, model_cfg):
+    """'frozen' for the stem/res2 parameters that freeze_at freezes, 'norm' for normalisation
+    parameters (weight_decay_norm), 'default' for the rest."""
+    freeze_at = model_cfg.backbone.freeze_at
+    frozen_prefixes = (["stem_"] if freeze_at >= 1 else []) + (["res2_"] if freeze_at >= 2 else [])
+
+    def label(path, _):
+        names = [getattr(p, "key", str(p)) for p in path]
+        if names[0] == "backbone" and any(names[1].startswith(f) for f in frozen_prefixes):
+            return "frozen"
+        if any("norm" in n.lower() for n in names):
+            return "norm"
+        return "default"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(config, params) -> optax.GradientTransformation:
+    """SGD with momentum and decoupled-by-group weight decay, as torch.optim.SGD in detectron2
+    (weight decay added to the gradient before momentum)."""
+    t = config.train
+    sgd = lambda wd: optax.chain(optax.add_decayed_weights(wd),  # noqa: E731
+                                 optax.sgd(learning_rate(t), momentum=t.momentum))
+    return optax.multi_transform(
+        {"default": sgd(t.weight_decay), "norm": sgd(t.weight_decay_norm), "frozen": optax.set_to_zero()},
+        parameter_labels(params, config.model))
+
+
+def dummy_batch(config, batch_size: int = 1) -> dict:
+    h, w = config.data.canvas_buckets[0]
+    g, m = config.data.max_instances, config.data.gt_mask_size
+    return {"image": np.zeros((batch_size, h, w, 3), np.uint8),
+            "image_hw": np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
+            "gt_boxes": np.tile(np.array([0, 0, 16, 16], np.float32), (batch_size, g, 1)),
+            "gt_classes": np.zeros((batch_size, g), np.int32),
+            "gt_valid": np.ones((batch_size, g), bool),
+            "gt_masks": np.full((batch_size, g, m, m), 255, np.uint8)}
+
+
+def init_variables(config, model: BMaskRCNN, rng: jax.Array) -> dict:
+    rng_params, rng_sampling = jax.random.split(rng)
+    return jax.jit(model.init)({"params": rng_params, "sampling": rng_sampling}, dummy_batch(config))
+
+
+def create_train_state(config, model: BMaskRCNN, rng: jax.Array) -> tuple[TrainState, optax.GradientTransformation]:
+    variables = init_variables(config, model, rng)
+    params = variables["params"]
+    tx = make_optimizer(config, params)
+    state = TrainState(step=jnp.array(0, jnp.int32), params=params, frozen=variables.get("frozen", {}),
+                       opt_state=tx.init(params), first_nonfinite_step=jnp.array(-1, jnp.int32),
+                       num_skipped=jnp.array(0, jnp.int32))
+    return state, tx
+
+
+def train_step(state: TrainState, batch: dict, model: BMaskRCNN, tx, seed: int, skip_nonfinite: bool):
+    """One optimisation step. Randomness (sampling) comes from (seed, step), so a resumed run
+    repeats exactly. A non-finite loss or gradient leaves the parameters as they were."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
+
+    def loss_fn(params):
+        losses = model.apply({"params": params, "frozen": state.frozen},
+                             {k: batch[k] for k in MODEL_KEYS}, rngs={"sampling": rng})
+        return sum(losses.values()), losses
+
+    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    finite = jnp.isfinite(total) & jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep_old = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1, params=keep_old(params, state.params),
+        opt_state=keep_old(opt_state, state.opt_state),
+        first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
+                                       state.first_nonfinite_step),
+        num_skipped=state.num_skipped + (~finite).astype(jnp.int32))
+    metrics = dict(losses, total_loss=total)
+    return new_state, metrics
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:   # not the main thread
+            pass
+
+    def _handle(self, *_):
+        self.requested = True
+
+
+def _check_finite(state: TrainState, losses: dict | None, skip: bool) -> None:
+    bad = int(state.first_nonfinite_step)
+    if bad >= 0 and not skip:
+        terms = "" if losses is None else ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(losses.items()))
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {bad} (latest logged terms: {terms}); parameters "
+            "were not updated and no checkpoint was written after it. Set train.skip_nonfinite=True "
+            "to skip such steps instead.")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train (resuming from workdir if it holds a checkpoint), then evaluate if configured."""
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh()
+    is_main = jax.process_index() == 0
+    model = BMaskRCNN(config.model)
+    state, tx = create_train_state(config, model, jax.random.PRNGKey(config.seed))
+    mgr = checkpoints.manager(workdir, config.train.keep_checkpoints)
+    restored = checkpoints.restore_latest(mgr, state)
+    if restored is not None:
+        state = restored
+        logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
+    state = jax.device_put(state, sharding.replicated(mesh))
+
+    t = config.train
+    step_fn = jax.jit(
+        lambda s, b: train_step(s, b, model, tx, config.seed, t.skip_nonfinite),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        donate_argnums=0)
+
+    dataset = build_dataset(config.data, config.data.train_split)
+    loader = TrainBatches(dataset, config.data, t.batch_size, config.seed, jax.process_index(),
+                          jax.process_count(), config.data.num_workers)
+    writer = _metric_writer(workdir) if is_main else None
+    preempt = _Preemption()
+    start = int(state.step)
+    progress = _progress(start, t.max_iter, is_main)
+    last_time, last_step = time.time(), start
+    metrics = None
+    try:
+        for step in range(start, t.max_iter):
+            local = loader.batch(step)
+            batch = sharding.global_batch({k: local[k] for k in MODEL_KEYS}, mesh)
+            state, metrics = step_fn(state, batch)
+            progress.update(1)
+            done = step + 1
+            last = done == t.max_iter or preempt.requested
+            if done % t.log_every == 0 or last:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(state, values, t.skip_nonfinite)
+                now = time.time()
+                values["lr"] = learning_rate_np(t, step)
+                values["images_per_sec"] = (done - last_step) * t.batch_size / max(now - last_time, 1e-9)
+                values["num_skipped_nonfinite"] = int(state.num_skipped)
+                last_time, last_step = now, done
+                progress.set_postfix(loss=f"{values['total_loss']:.3f}", lr=f"{values['lr']:.4g}",
+                                     img_s=f"{values['images_per_sec']:.1f}")
+                if writer is not None:
+                    writer(done, values)
+            if done % t.checkpoint_every == 0 or last:
+                _check_finite(state, None, t.skip_nonfinite)
+                checkpoints.save(mgr, done, state, force=last)
+            if preempt.requested:
+                logging.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
+                break
+    finally:
+        mgr.wait_until_finished()
+        loader.close()
+        progress.close()
+    if preempt.requested:
+        return {}
+    if t.eval_at_end and is_main:
+        from bmask_jax import evaluate
+        return evaluate.evaluate(config, workdir, {"params": state.params, "frozen": state.frozen})
+    return {}
+
+
+def _progress(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True,
+                mininterval=2.0)
+
+
+def _metric_writer(workdir: str):
+    """Metrics to workdir/metrics.jsonl and TensorBoard event files in workdir/tensorboard."""
+    from tensorboardX import SummaryWriter
+    tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    path = os.path.join(workdir, "metrics.jsonl")
+
+    def write(step: int, values: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        for k, v in values.items():
+            tb.add_scalar(f"train/{k}", v, step)
+        tb.flush()
+
+    return write

@@ -1,0 +1,27 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="bmask_jax",
+    version="0.1.0",
+    description="Boundary-preserving Mask R-CNN (ECCV 2020) in JAX/Flax",
+    packages=find_packages(include=["bmask_jax", "bmask_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "jaxlib>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "ml-collections>=1.1.0",
+        "numpy>=2.0",
+        "pycocotools>=2.0.11",
+        "pillow",
+        "matplotlib",
+        "tqdm",
+        "tensorboardX",
+        "absl-py",
+    ],
+    extras_require={
+        "test": ["pytest"],
+    },
+)

@@ -1,0 +1,108 @@
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmask_jax import config as config_lib
+from bmask_jax.data.pipeline import TrainBatches, build_dataset
+from bmask_jax.models.bmask_rcnn import BMaskRCNN
+from bmask_jax.train import (MODEL_KEYS, create_train_state, learning_rate, learning_rate_np,
+                             parameter_labels, train_and_evaluate, train_step)
+
+
+def tiny_config(head="bmask"):
+    c = config_lib.shapes(config_lib.base())
+    c.model.mask_head.name = head
+    c.data.synthetic.update(image_size=(64, 64), num_train=16, num_val=4, max_instances=3)
+    c.data.update(train_short_side=(64,), test_short_side=64, max_size=64, canvas_buckets=((64, 64),),
+                  max_instances=4, gt_mask_size=32)
+    c.model.anchors.sizes = (8, 16, 32, 64, 128)
+    c.model.rpn.update(pre_nms_topk_train=100, pre_nms_topk_test=50, post_nms_topk_train=50,
+                       post_nms_topk_test=30, batch_size_per_image=64)
+    c.model.roi_heads.update(batch_size_per_image=16, num_mask_rois=4, fc_dim=64, topk_candidates=50,
+                             detections_per_image=5)
+    c.model.backbone.update(stem_channels=16, res2_out_channels=16)
+    c.model.fpn.channels = 32
+    c.model.mask_head.conv_dim = 16
+    c.train.update(batch_size=2, warmup_iters=5, base_lr=0.02, log_every=2, checkpoint_every=3,
+                   lr_steps=(100,))
+    c.eval.update(batch_size=2, num_pictures=2)
+    return c
+
+
+def test_learning_rate_warmup_and_steps():
+    c = config_lib.base().train
+    c.update(base_lr=0.02, warmup_iters=1000, warmup_factor=0.001, lr_steps=(60000, 80000), lr_gamma=0.1)
+    sched = learning_rate(c)
+    for step, expected in [(0, 0.02 * 0.001), (500, 0.02 * (0.001 * 0.5 + 0.5)), (1000, 0.02),
+                           (59999, 0.02), (60000, 0.002), (80000, 0.0002)]:
+        np.testing.assert_allclose(float(sched(step)), expected, rtol=1e-5)
+        np.testing.assert_allclose(learning_rate_np(c, step), expected, rtol=1e-5)
+
+
+def test_parameter_labels_freeze_and_norm():
+    c = config_lib.base()
+    c.model.backbone.update(depth=18, res2_out_channels=64, norm="GN", freeze_at=2)
+    c.model.num_classes = 3
+    params = {"backbone": {"stem_conv1": {"kernel": 0}, "res2_0": {"conv1": {"kernel": 0}},
+                           "res3_0": {"conv1_norm": {"GroupNorm_0": {"scale": 0}}, "conv1": {"kernel": 0}}},
+              "box_head": {"fc1": {"kernel": 0}}}
+    labels = parameter_labels(params, c.model)
+    assert labels["backbone"]["stem_conv1"]["kernel"] == "frozen"
+    assert labels["backbone"]["res2_0"]["conv1"]["kernel"] == "frozen"
+    assert labels["backbone"]["res3_0"]["conv1_norm"]["GroupNorm_0"]["scale"] == "norm"
+    assert labels["backbone"]["res3_0"]["conv1"]["kernel"] == "default"
+    assert labels["box_head"]["fc1"]["kernel"] == "default"
+
+
+def test_frozen_parameters_do_not_move():
+    c = tiny_config()
+    c.model.backbone.freeze_at = 2
+    model = BMaskRCNN(c.model)
+    state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
+    loader = TrainBatches(build_dataset(c.data, "train"), c.data, 2, 0)
+    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
+    loader.close()
+    new, _ = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))(state, batch)
+    before, after = state.params["backbone"], new.params["backbone"]
+    np.testing.assert_array_equal(before["res2_0"]["conv1"]["Conv_0"]["kernel"],
+                                  after["res2_0"]["conv1"]["Conv_0"]["kernel"])
+    assert not np.allclose(before["res3_0"]["conv1"]["Conv_0"]["kernel"],
+                           after["res3_0"]["conv1"]["Conv_0"]["kernel"])
+
+
+def test_training_loss_falls_on_a_fixed_batch():
+    c = tiny_config()
+    model = BMaskRCNN(c.model)
+    state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
+    loader = TrainBatches(build_dataset(c.data, "train"), c.data, 2, 0)
+    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
+    loader.close()
+    step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))
+    totals = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        totals.append(float(metrics["total_loss"]))
+    assert np.isfinite(totals).all()
+    assert np.mean(totals[-5:]) < 0.7 * np.mean(totals[:3]), totals
+
+
+def test_train_loop_writes_metrics_checkpoints_and_resumes(tmp_path):
+    c = tiny_config()
+    c.train.max_iter = 4
+    c.train.eval_at_end = False
+    workdir = str(tmp_path / "run")
+    train_and_evaluate(c, workdir)
+    steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert steps == [3, 4]
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert {"loss_rpn_cls", "loss_mask", "loss_boundary", "lr", "images_per_sec"} <= set(lines[0])
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    # Running again with a larger max_iter resumes at step 4, not from scratch.
+    c.train.max_iter = 6
+    train_and_evaluate(c, workdir)
+    lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [2, 4, 6]
