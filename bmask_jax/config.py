@@ -120,8 +120,8 @@ def shapes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t.batch_size = 8
     t.base_lr = 0.02
     t.warmup_iters = 100
-    t.max_iter = 1500
-    t.lr_steps = (1100, 1350)
+    t.max_iter = 800
+    t.lr_steps = (600, 750)
     t.log_every = 20
     t.checkpoint_every = 500
     c.eval.batch_size = 8

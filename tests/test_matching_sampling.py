@@ -1,5 +1,6 @@
 """match() against a brute-force numpy transcription of detectron2's Matcher, and
 subsample_labels() invariants (detectron2's subsample_labels with static shapes)."""
+import math
 from functools import partial
 
 import jax
@@ -155,6 +156,7 @@ def _sample_many(keys, labels, num_samples, fraction):
     (30, 0, 50, 32, 0.5),       # no negatives
     (0, 0, 50, 16, 0.5),        # everything ignored
     (10, 10, 200, 64, 1.0),
+    (8, 6, 0, 3, 0.25),         # int(3 * 0.25) = 0: no positive may be taken
 ])
 def test_subsample_invariants(num_pos, num_neg, num_ign, num_samples, fraction):
     rng = np.random.default_rng(num_pos * 7 + num_neg)
@@ -180,9 +182,10 @@ def test_subsample_invariants(num_pos, num_neg, num_ign, num_samples, fraction):
         np.testing.assert_array_equal(labels[i[v & ~p]], 0)
         assert not np.any(labels[i[v]] == -1)
     # Different seeds draw different subsets whenever there is a choice to make.
-    if num_pos > max_pos or (num_neg > num_samples - want_pos and num_neg > 0):
+    possible = math.comb(num_pos, want_pos) * math.comb(num_neg, want_valid - want_pos)
+    if possible > 1:
         draws = {tuple(sorted(idx[s][valid[s]].tolist())) for s in range(n_seeds)}
-        assert len(draws) > n_seeds // 2
+        assert len(draws) >= min(n_seeds // 2, possible // 2)
 
 
 def test_subsample_is_roughly_uniform():

@@ -67,6 +67,14 @@ def test_tie_keeps_lower_index():
     np.testing.assert_array_equal(np.asarray(keep), [False, True, False])
 
 
+def test_iou_equal_to_threshold_is_kept():
+    # IoU(A, B) = 100 / 200 = 0.5 exactly: suppression needs IoU > threshold.
+    boxes = jnp.array([[0, 0, 10, 10], [0, 0, 10, 20], [0, 0, 10, 11]], jnp.float32)
+    # IoU(A, C) = 100 / 110 > 0.5 -> C dropped; IoU(B, C) = 110 / 200 = 0.55 as well
+    keep = nms(boxes, jnp.array([0.9, 0.8, 0.7]), 0.5)
+    np.testing.assert_array_equal(np.asarray(keep), [True, True, False])
+
+
 def test_chain_suppression_hand_case():
     # A suppresses B, B would suppress C but B is gone, so C survives.
     boxes = jnp.array([[0, 0, 10, 10], [4, 0, 14, 10], [8, 0, 18, 10]], jnp.float32)

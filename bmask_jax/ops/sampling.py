@@ -16,9 +16,11 @@ def subsample_labels(rng: jax.Array, labels: jnp.ndarray, num_samples: int,
     bool). Positives come first, so every positive lies in the first
     int(num_samples * positive_fraction) slots; slots beyond the number sampled are invalid.
     """
+    if labels.shape[0] < num_samples:
+        # Fewer candidates than slots: pad with ignored entries, which are never sampled.
+        labels = jnp.pad(labels, (0, num_samples - labels.shape[0]), constant_values=-1)
     n = labels.shape[0]
-    num_samples = min(num_samples, n)
-    max_pos = min(int(num_samples * positive_fraction), n)
+    max_pos = int(num_samples * positive_fraction)
     rand = jax.random.uniform(rng, (n,))
     pos = labels == 1
     neg = labels == 0
