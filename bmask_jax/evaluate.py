@@ -101,7 +101,9 @@ def format_metrics(metrics: dict) -> str:
              f"{'':6s}{'AP':>7s}{'AP50':>7s}{'AP75':>7s}{'APs':>7s}{'APm':>7s}{'APl':>7s}"]
     for kind in ("bbox", "segm"):
         m = metrics[kind]
-        lines.append(f"{kind:6s}" + "".join(f"{100 * m[k]:7.1f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+        # pycocotools reports -1 for an area range with no objects.
+        lines.append(f"{kind:6s}" + "".join(f"{100 * m[k]:7.1f}" if m[k] >= 0 else f"{'-':>7s}"
+                                            for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     return "\n".join(lines)
 
 
