@@ -22,6 +22,7 @@ setup(
         "absl-py",
     ],
     extras_require={
-        "test": ["pytest"],
+        "torch": ["torch==2.13.0"],          # only to write reference checkpoints in tests
+        "test": ["pytest", "torch==2.13.0"],
     },
 )

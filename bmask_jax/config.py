@@ -20,8 +20,16 @@ def base() -> ml_collections.ConfigDict:
     m.pixel_std = (1.0, 1.0, 1.0)
 
     m.backbone = ml_collections.ConfigDict(dict(
+        name="resnet",                       # "resnet" | "hrnet" (HRNetV2, paper Table 1)
         depth=50, stem_channels=64, res2_out_channels=256, bottleneck_channels=64,
         stride_in_1x1=True, norm="FrozenBN", freeze_at=2))
+    # HRNetV2 (models/hrnet.py), used when backbone.name == "hrnet"; defaults are HRNetV2-W32.
+    # norm and freeze_at come from model.backbone (freeze_at 1: stem, 2: stem + stage 1).
+    m.backbone.hrnet = ml_collections.ConfigDict(dict(
+        stem_channels=64, stage1_channels=64, stage1_blocks=4,   # stage 1: bottlenecks, 4x64 out
+        widths=(32, 64, 128, 256),           # branches at strides 4/8/16/32; stage s uses [:s]
+        num_modules=(1, 4, 3),               # high-resolution modules in stages 2, 3, 4
+        num_blocks=(4, 4, 4)))               # basic blocks per branch in each module, stages 2-4
     m.fpn = ml_collections.ConfigDict(dict(channels=256))
     m.anchors = ml_collections.ConfigDict(dict(
         sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), strides=(4, 8, 16, 32, 64),
@@ -37,13 +45,23 @@ def base() -> ml_collections.ConfigDict:
         num_fc=2, fc_dim=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), smooth_l1_beta=0.0,
         train_on_pred_boxes=True, score_threshold=0.05, nms_threshold=0.5,
         detections_per_image=100, topk_candidates=1000,
-        num_mask_rois=128))
+        num_mask_rois=128, class_agnostic_bbox_reg=False,
+        # Cascade R-CNN box stages (Cascade BMask R-CNN in the authors' model zoo).
+        cascade=ml_collections.ConfigDict(dict(
+            enabled=False, iou_thresholds=(0.5, 0.6, 0.7),
+            bbox_reg_weights=((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))))))
     m.mask_head = ml_collections.ConfigDict(dict(
-        name="bmask", pooler_resolution=14, conv_dim=256, num_conv=4, loss_weight=1.0))
+        name="bmask",                        # "bmask" | "maskrcnn" | "sobel" (Fig. 7b)
+        pooler_resolution=14, conv_dim=256, num_conv=4, loss_weight=1.0,
+        sobel_hidden_dim=16))                # 'sobel': width of the conv between the two 3x3s
     m.boundary = ml_collections.ConfigDict(dict(
         in_features=("p2",), resolution=28, num_conv=2, mask_to_boundary=True,
         boundary_to_mask=True, supervision="boundary", loss="dice_bce", dice_squared=False,
         loss_weight=1.0))
+    # Mask Scoring R-CNN's MaskIoU head on top of any mask head (paper Table 2, last row).
+    m.mask_scoring = ml_collections.ConfigDict(dict(
+        enabled=False, num_conv=4, conv_dim=256, fc_dim=1024, loss_weight=1.0,
+        mask_threshold=0.5))                 # predicted mask binarised at this for the IoU target
 
     # ---- data ----
     d = c.data = ml_collections.ConfigDict()
@@ -116,6 +134,7 @@ def shapes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.roi_heads.update(batch_size_per_image=64, fc_dim=256, topk_candidates=200,
                        detections_per_image=20, num_mask_rois=8)
     m.mask_head.conv_dim = 32
+    m.mask_scoring.update(conv_dim=32, fc_dim=256)
     t = c.train
     t.batch_size = 8
     t.base_lr = 0.02
@@ -125,6 +144,27 @@ def shapes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t.log_every = 20
     t.checkpoint_every = 500
     c.eval.batch_size = 8
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A very small model on 64x64 shapes: seconds per compile, for tests and smoke runs."""
+    shapes(c)
+    c.data.synthetic.update(image_size=(64, 64), num_train=16, num_val=4, max_instances=3)
+    c.data.update(train_short_side=(64,), test_short_side=64, max_size=64, canvas_buckets=((64, 64),),
+                  max_instances=4, gt_mask_size=32)
+    c.model.anchors.sizes = (8, 16, 32, 64, 128)
+    c.model.rpn.update(pre_nms_topk_train=100, pre_nms_topk_test=50, post_nms_topk_train=50,
+                       post_nms_topk_test=30, batch_size_per_image=64)
+    c.model.roi_heads.update(batch_size_per_image=16, num_mask_rois=4, fc_dim=64, topk_candidates=50,
+                             detections_per_image=5)
+    c.model.backbone.update(stem_channels=16, res2_out_channels=16)
+    c.model.fpn.channels = 32
+    c.model.mask_head.conv_dim = 16
+    c.model.mask_scoring.update(conv_dim=16, fc_dim=64)
+    c.train.update(batch_size=2, warmup_iters=5, base_lr=0.02, log_every=2, checkpoint_every=3,
+                   lr_steps=(100,), max_iter=20)
+    c.eval.update(batch_size=2, num_pictures=2)
     return c
 
 
@@ -140,10 +180,34 @@ def coco(c: ml_collections.ConfigDict, depth: int = 50) -> ml_collections.Config
     return c
 
 
+def hrnet_coco(c: ml_collections.ConfigDict, width: int = 32) -> ml_collections.ConfigDict:
+    """HRNetV2-W<width>-FPN on COCO 1x (paper Table 1), as HRNet-MaskRCNN-Benchmark's
+    mask_rcnn_hrnet_w32_1x: ImageNet weights in RGB with ImageNet mean/std (x255), FrozenBN,
+    no frozen stage."""
+    coco(c)
+    c.model.input_format = "RGB"
+    c.model.pixel_mean = (123.675, 116.280, 103.530)
+    c.model.pixel_std = (58.395, 57.120, 57.375)
+    c.model.backbone.update(name="hrnet", norm="FrozenBN", freeze_at=0)
+    c.model.backbone.hrnet.widths = (width, 2 * width, 4 * width, 8 * width)
+    return c
+
+
+def cascade(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Cascade (B)Mask R-CNN as the authors' model zoo: three class-agnostic box stages at IoU
+    0.5/0.6/0.7 and 2000 training proposals."""
+    c.model.roi_heads.cascade.enabled = True
+    c.model.rpn.post_nms_topk_train = 2000
+    return c
+
+
 VARIANTS = {
     "shapes": shapes,
+    "tiny": tiny,
     "r50_fpn_1x": lambda c: coco(c, 50),
     "r101_fpn_1x": lambda c: coco(c, 101),
+    "hrnet_w32_fpn_1x": lambda c: hrnet_coco(c, 32),
+    "cascade_r50_fpn_1x": lambda c: cascade(coco(c, 50)),
 }
 
 

@@ -201,7 +201,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             state, metrics = step_fn(state, batch)
             progress.update(1)
             done = step + 1
-            last = done == t.max_iter or preempt.requested
+            stop = preempt.requested        # read once: SIGTERM may arrive at any moment
+            last = done == t.max_iter or stop
             if done % t.log_every == 0 or last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 _check_finite(state, values, t.skip_nonfinite)
@@ -217,14 +218,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if done % t.checkpoint_every == 0 or last:
                 _check_finite(state, None, t.skip_nonfinite)
                 checkpoints.save(mgr, done, state, force=last)
-            if preempt.requested:
+            if stop:
                 logging.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
                 break
     finally:
         mgr.wait_until_finished()
         loader.close()
         progress.close()
-    if preempt.requested:
+    if int(state.step) < t.max_iter:   # stopped early by SIGTERM
         return {}
     if t.eval_at_end and is_main:
         from bmask_jax import evaluate

@@ -13,22 +13,8 @@ from bmask_jax.train import (MODEL_KEYS, create_train_state, learning_rate, lear
 
 
 def tiny_config(head="bmask"):
-    c = config_lib.shapes(config_lib.base())
+    c = config_lib.tiny(config_lib.base())
     c.model.mask_head.name = head
-    c.data.synthetic.update(image_size=(64, 64), num_train=16, num_val=4, max_instances=3)
-    c.data.update(train_short_side=(64,), test_short_side=64, max_size=64, canvas_buckets=((64, 64),),
-                  max_instances=4, gt_mask_size=32)
-    c.model.anchors.sizes = (8, 16, 32, 64, 128)
-    c.model.rpn.update(pre_nms_topk_train=100, pre_nms_topk_test=50, post_nms_topk_train=50,
-                       post_nms_topk_test=30, batch_size_per_image=64)
-    c.model.roi_heads.update(batch_size_per_image=16, num_mask_rois=4, fc_dim=64, topk_candidates=50,
-                             detections_per_image=5)
-    c.model.backbone.update(stem_channels=16, res2_out_channels=16)
-    c.model.fpn.channels = 32
-    c.model.mask_head.conv_dim = 16
-    c.train.update(batch_size=2, warmup_iters=5, base_lr=0.02, log_every=2, checkpoint_every=3,
-                   lr_steps=(100,))
-    c.eval.update(batch_size=2, num_pictures=2)
     return c
 
 

@@ -1,5 +1,6 @@
 """Mask R-CNN and BMask R-CNN: backbone + FPN, RPN, box branch and a mask branch chosen by
-config (model.mask_head = 'bmask' or 'maskrcnn').
+config (model.mask_head.name = 'bmask', 'maskrcnn' or 'sobel'), optionally with Mask Scoring
+R-CNN's MaskIoU head (model.mask_scoring.enabled).
 
 `BMaskRCNN.__call__(batch, train=True)` returns the loss dict; with train=False it returns
 detections. All shapes are static: a canvas size and the config fix every array.
@@ -14,9 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmask_jax.models.box_head import (BoxHead, BoxPredictor, box_inference, box_losses,
-                                       label_and_sample_proposals, select_class_deltas)
+                                       label_and_sample_proposals, relabel_boxes, scale_gradient,
+                                       select_class_deltas)
 from bmask_jax.models.fpn import FPN
-from bmask_jax.models.mask_heads import BoundaryPreservingHead, MaskRCNNHead, mask_losses, mask_targets
+from bmask_jax.models.hrnet import HRNet
+from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, MaskRCNNHead, SobelMaskHead,
+                                         mask_losses, mask_targets, select_class)
 from bmask_jax.models.resnet import ResNet
 from bmask_jax.models.rpn import RPNHead, find_top_proposals, rpn_losses
 from bmask_jax.ops import anchors as anchor_ops
@@ -48,12 +52,25 @@ class BMaskRCNN(nn.Module):
         cfg = self.cfg
         dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
         b = cfg.backbone
-        self.backbone = ResNet(b.depth, b.stem_channels, b.res2_out_channels, b.bottleneck_channels,
-                               b.stride_in_1x1, b.norm, b.freeze_at, dtype)
+        if b.name == "resnet":
+            self.backbone = ResNet(b.depth, b.stem_channels, b.res2_out_channels, b.bottleneck_channels,
+                                   b.stride_in_1x1, b.norm, b.freeze_at, dtype)
+        elif b.name == "hrnet":
+            h = b.hrnet
+            self.backbone = HRNet(h.stem_channels, h.stage1_channels, h.stage1_blocks, tuple(h.widths),
+                                  tuple(h.num_modules), tuple(h.num_blocks), b.norm, b.freeze_at, dtype)
+        else:
+            raise ValueError(f"model.backbone.name must be 'resnet' or 'hrnet', got {b.name!r}")
         self.fpn = FPN(cfg.fpn.channels, dtype)
         self.rpn_head = RPNHead(len(cfg.anchors.aspect_ratios), dtype)
-        self.box_head = BoxHead(cfg.roi_heads.num_fc, cfg.roi_heads.fc_dim, dtype)
-        self.box_predictor = BoxPredictor(cfg.num_classes, dtype)
+        r = cfg.roi_heads
+        if r.cascade.enabled:
+            n = len(r.cascade.iou_thresholds)
+            self.box_heads = [BoxHead(r.num_fc, r.fc_dim, dtype) for _ in range(n)]
+            self.box_predictors = [BoxPredictor(cfg.num_classes, True, dtype) for _ in range(n)]
+        else:
+            self.box_head = BoxHead(r.num_fc, r.fc_dim, dtype)
+            self.box_predictor = BoxPredictor(cfg.num_classes, r.class_agnostic_bbox_reg, dtype)
         m = cfg.mask_head
         if m.name == "bmask":
             self.mask_head = BoundaryPreservingHead(
@@ -61,8 +78,13 @@ class BMaskRCNN(nn.Module):
                 cfg.boundary.mask_to_boundary, cfg.boundary.boundary_to_mask, dtype)
         elif m.name == "maskrcnn":
             self.mask_head = MaskRCNNHead(cfg.num_classes, m.conv_dim, m.num_conv, dtype)
+        elif m.name == "sobel":
+            self.mask_head = SobelMaskHead(cfg.num_classes, m.conv_dim, m.num_conv, m.sobel_hidden_dim, dtype)
         else:
-            raise ValueError(f"model.mask_head.name must be 'bmask' or 'maskrcnn', got {m.name!r}")
+            raise ValueError(f"model.mask_head.name must be 'bmask', 'maskrcnn' or 'sobel', got {m.name!r}")
+        ms = cfg.mask_scoring
+        self.mask_iou_head = (MaskIoUHead(cfg.num_classes, ms.conv_dim, ms.num_conv, ms.fc_dim, dtype)
+                              if ms.enabled else None)
 
     # -- pieces -------------------------------------------------------------------------------
     def normalize(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -90,8 +112,14 @@ class BMaskRCNN(nn.Module):
         return jax.vmap(lambda lg, dl, hw: find_top_proposals(
             anchors, lg, dl, hw, topk, post, r.nms_threshold, r.bbox_reg_weights))(logits, deltas, image_hw)
 
-    def mask_branch(self, pyramid, boxes):
-        """Mask (and boundary) logits for boxes [B, R, 4] -> ([B*R, 28, 28, K], ... or None)."""
+    def mask_branch(self, pyramid, boxes, classes):
+        """Mask branch for boxes [B, R, 4] of classes [B*R] (GT classes in training, predicted
+        at test; the Sobel head and the MaskIoU head pick their mask channel by them).
+
+        Returns mask logits [B*R, 28, 28, K], boundary logits ([B*R, 28, 28, K] for 'bmask',
+        [B*R, 28, 28, 1] for 'sobel', None for 'maskrcnn') and the predicted MaskIoU [B*R, K]
+        (None without Mask Scoring).
+        """
         cfg = self.cfg
         m = cfg.mask_head
         n = boxes.shape[0] * boxes.shape[1]
@@ -105,7 +133,92 @@ class BMaskRCNN(nn.Module):
             boundary_feats = pool(pyramid, levels, strides, boxes, cfg.boundary.resolution,
                                   cfg.roi_heads.sampling_ratio, cfg.roi_heads.max_adaptive_samples)
             boundary_feats = boundary_feats.reshape(n, *boundary_feats.shape[2:])
-        return self.mask_head(feats, boundary_feats)
+        if m.name == "sobel":
+            mask_logits, boundary_logits = self.mask_head(feats, None, classes)
+        else:
+            mask_logits, boundary_logits = self.mask_head(feats, boundary_feats)
+        mask_iou = None
+        if self.mask_iou_head is not None:
+            # MS R-CNN: the 14x14 mask RoI features and the predicted mask of the class, with no
+            # gradient from the MaskIoU loss into the mask prediction.
+            probs = jax.lax.stop_gradient(jax.nn.sigmoid(select_class(mask_logits, classes)))
+            mask_iou = self.mask_iou_head(feats, probs)
+        return mask_logits, boundary_logits, mask_iou
+
+    def box_stages(self):
+        """(head, predictor, IoU threshold, box coding weights) per stage: one for Faster
+        R-CNN's box branch, three for Cascade R-CNN."""
+        r = self.cfg.roi_heads
+        if not r.cascade.enabled:
+            return [(self.box_head, self.box_predictor, r.iou_threshold, tuple(r.bbox_reg_weights))]
+        return list(zip(self.box_heads, self.box_predictors, r.cascade.iou_thresholds,
+                        [tuple(w) for w in r.cascade.bbox_reg_weights]))
+
+    def box_features(self, pyramid, boxes, head, num_stages: int):
+        """RoIAlign 7x7 + the FC head for boxes [B, S, 4] -> [B*S, fc_dim]. Under a cascade
+        each stage's head passes 1/num_stages of the gradient to the shared features."""
+        r = self.cfg.roi_heads
+        b, s = boxes.shape[:2]
+        feats = pool(pyramid, ROI_LEVELS, ROI_STRIDES, boxes, r.pooler_resolution, r.sampling_ratio,
+                     r.max_adaptive_samples)
+        feats = feats.reshape(b * s, *feats.shape[2:])
+        if num_stages > 1:
+            feats = scale_gradient(feats, 1.0 / num_stages)
+        return head(feats)
+
+    def box_branch_losses(self, pyramid, proposals, proposal_valid, batch, rng):
+        """Sample RoIs from the proposals (plus GT), then the box loss of each stage; later
+        cascade stages re-match the previous stage's regressed boxes at their own IoU.
+        Returns (losses, the first stage's sampled RoIs [B, S] dict, its deltas [B*S, ...])."""
+        cfg = self.cfg
+        k = cfg.num_classes
+        stages = self.box_stages()
+        b = proposals.shape[0]
+        gt = (batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
+        rois = jax.vmap(lambda r, p, pv, gb, gc, gv: label_and_sample_proposals(
+            r, p, pv, gb, gc, gv, k, stages[0][2], cfg.roi_heads))(
+            jax.random.split(rng, b), proposals, proposal_valid, *gt)
+        first_rois, first_deltas = rois, None
+        out = {}
+        prev = None
+        for i, (head, predictor, iou, weights) in enumerate(stages):
+            if prev is not None:
+                boxes = box_ops.clip(box_ops.decode(prev[1].reshape(b, -1, 4), prev[0]["boxes"], prev[2]),
+                                     batch["image_hw"][:, 0:1], batch["image_hw"][:, 1:2])
+                rois = jax.vmap(lambda bx, v, gb, gc, gv: relabel_boxes(bx, v, gb, gc, gv, iou, k))(
+                    jax.lax.stop_gradient(boxes), prev[0]["valid"], *gt)
+            s = rois["boxes"].shape[1]
+            logits, deltas = predictor(self.box_features(pyramid, rois["boxes"], head, len(stages)))
+            flat = {key: v.reshape(b * s, *v.shape[2:]) for key, v in rois.items()}
+            matched_gt = jnp.take_along_axis(batch["gt_boxes"], rois["gt_index"][..., None], axis=1)
+            stage_losses = box_losses(logits, deltas, flat, matched_gt.reshape(b * s, 4), k, weights,
+                                      cfg.roi_heads.smooth_l1_beta)
+            suffix = f"_stage{i}" if len(stages) > 1 else ""
+            out.update({name + suffix: v for name, v in stage_losses.items()})
+            if i == 0:
+                first_deltas = deltas
+            prev = (rois, jax.lax.stop_gradient(deltas), weights)
+        return out, first_rois, first_deltas
+
+    def box_branch_detect(self, pyramid, proposals, proposal_valid, image_hw):
+        """Detections [B, D] from the proposals; a cascade averages the stages' class
+        probabilities and takes the boxes of the last stage."""
+        cfg = self.cfg
+        k = cfg.num_classes
+        stages = self.box_stages()
+        b, p = proposals.shape[:2]
+        boxes = proposals
+        probs_sum = 0.0
+        for i, (head, predictor, _, weights) in enumerate(stages):
+            if i > 0:
+                boxes = box_ops.clip(box_ops.decode(deltas.reshape(b, p, 4), boxes, stages[i - 1][3]),
+                                     image_hw[:, 0:1], image_hw[:, 1:2])
+            logits, deltas = predictor(self.box_features(pyramid, boxes, head, len(stages)))
+            probs_sum = probs_sum + jax.nn.softmax(logits, axis=-1)
+        probs = (probs_sum / len(stages)).reshape(b, p, -1)
+        return jax.vmap(lambda pr, dl, bx, pv, hw: box_inference(
+            pr, dl, bx, pv, hw, k, stages[-1][3], cfg.roi_heads))(
+            probs, deltas.reshape(b, p, -1), boxes, proposal_valid, image_hw)
 
     # -- forward ------------------------------------------------------------------------------
     def __call__(self, batch: dict, train: bool = True):
@@ -128,19 +241,10 @@ class BMaskRCNN(nn.Module):
                          jnp.concatenate(deltas, 1), batch["gt_boxes"], batch["gt_valid"], cfg.rpn)
 
         proposals, _, proposal_valid = self.proposals(anchors, logits, deltas, batch["image_hw"], True)
-        rois = jax.vmap(lambda r, p, pv, gb, gc, gv: label_and_sample_proposals(
-            r, p, pv, gb, gc, gv, k, cfg.roi_heads))(
-            jax.random.split(rng_roi, b), proposals, proposal_valid, batch["gt_boxes"],
-            batch["gt_classes"], batch["gt_valid"])
+        box_out, rois, box_deltas = self.box_branch_losses(pyramid, proposals, proposal_valid, batch, rng_roi)
+        out.update(box_out)
         s = rois["boxes"].shape[1]
-        matched_gt = jnp.take_along_axis(batch["gt_boxes"], rois["gt_index"][..., None], axis=1)
-
-        feats = pool(pyramid, ROI_LEVELS, ROI_STRIDES, rois["boxes"], cfg.roi_heads.pooler_resolution,
-                     cfg.roi_heads.sampling_ratio, cfg.roi_heads.max_adaptive_samples)
-        box_features = self.box_head(feats.reshape(b * s, *feats.shape[2:]))
-        cls_logits, box_deltas = self.box_predictor(box_features)
         flat = {key: v.reshape(b * s, *v.shape[2:]) for key, v in rois.items()}
-        out.update(box_losses(cls_logits, box_deltas, flat, matched_gt.reshape(b * s, 4), k, cfg.roi_heads))
 
         # Mask branch on the foreground slots, which sampling puts first.
         # num_mask_rois caps the mask head's static batch (detectron2 has no cap: 128 slots).
@@ -148,11 +252,11 @@ class BMaskRCNN(nn.Module):
                 cfg.roi_heads.num_mask_rois, s)
         fg = {key: v[:, :f] for key, v in rois.items()}
         mask_boxes = fg["boxes"]
-        if cfg.roi_heads.train_on_pred_boxes:
+        if cfg.roi_heads.train_on_pred_boxes and not cfg.roi_heads.cascade.enabled:
             pred = box_ops.decode(select_class_deltas(box_deltas, flat["classes"], k),
                                   flat["boxes"], cfg.roi_heads.bbox_reg_weights)
             mask_boxes = jax.lax.stop_gradient(pred.reshape(b, s, 4)[:, :f])
-        mask_logits, boundary_logits = self.mask_branch(pyramid, mask_boxes)
+        mask_logits, boundary_logits, mask_iou = self.mask_branch(pyramid, mask_boxes, fg["classes"].reshape(-1))
         gt_index = fg["gt_index"]
         gt_masks = jnp.take_along_axis(batch["gt_masks"], gt_index[:, :, None, None], axis=1)
         targets = mask_targets(mask_boxes.reshape(b * f, 4),
@@ -160,13 +264,14 @@ class BMaskRCNN(nn.Module):
                                gt_masks.reshape(b * f, *gt_masks.shape[2:]).astype(jnp.float32) / 255.0,
                                mask_logits.shape[1], cfg.roi_heads.sampling_ratio)
         out.update(mask_losses(mask_logits, boundary_logits, fg["classes"].reshape(-1), targets,
-                               fg["is_fg"].reshape(-1).astype(jnp.float32), cfg))
+                               fg["is_fg"].reshape(-1).astype(jnp.float32), cfg, mask_iou))
         return out
 
     def detect(self, batch: dict) -> dict[str, jnp.ndarray]:
         """Inference. Returns boxes [B, D, 4] (canvas pixels), scores [B, D], classes [B, D],
-        valid [B, D], mask_probs [B, D, 28, 28] and boundary_probs (BMask only) of the
-        predicted class."""
+        valid [B, D], mask_probs [B, D, 28, 28] and boundary_probs ('bmask' and 'sobel') of the
+        predicted class. With Mask Scoring, scores = class score x predicted MaskIoU of the
+        class, and box_scores (the class scores) and mask_iou [B, D] are returned too."""
         cfg = self.cfg
         k = cfg.num_classes
         images = batch["image"]
@@ -175,20 +280,17 @@ class BMaskRCNN(nn.Module):
         anchors = self.anchors(images.shape[1:3])
         logits, deltas = self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
         proposals, _, proposal_valid = self.proposals(anchors, logits, deltas, batch["image_hw"], False)
-        p = proposals.shape[1]
-        feats = pool(pyramid, ROI_LEVELS, ROI_STRIDES, proposals, cfg.roi_heads.pooler_resolution,
-                     cfg.roi_heads.sampling_ratio, cfg.roi_heads.max_adaptive_samples)
-        cls_logits, box_deltas = self.box_predictor(self.box_head(feats.reshape(b * p, *feats.shape[2:])))
-        boxes, scores, classes, valid = jax.vmap(lambda lg, dl, pr, pv, hw: box_inference(
-            lg, dl, pr, pv, hw, k, cfg.roi_heads))(
-            cls_logits.reshape(b, p, -1), box_deltas.reshape(b, p, -1), proposals, proposal_valid,
-            batch["image_hw"])
-        mask_logits, boundary_logits = self.mask_branch(pyramid, boxes)
+        boxes, scores, classes, valid = self.box_branch_detect(pyramid, proposals, proposal_valid,
+                                                               batch["image_hw"])
         d = boxes.shape[1]
-        pick = lambda x: jnp.take_along_axis(  # noqa: E731
-            x, classes.reshape(-1)[:, None, None, None], axis=-1)[..., 0].reshape(b, d, *x.shape[1:3])
+        flat_classes = classes.reshape(-1)
+        mask_logits, boundary_logits, mask_iou = self.mask_branch(pyramid, boxes, flat_classes)
+        pick = lambda x: select_class(x, flat_classes).reshape(b, d, *x.shape[1:3])  # noqa: E731
         out = {"boxes": boxes, "scores": scores, "classes": classes, "valid": valid,
                "mask_probs": jax.nn.sigmoid(pick(mask_logits))}
         if boundary_logits is not None:
             out["boundary_probs"] = jax.nn.sigmoid(pick(boundary_logits))
+        if mask_iou is not None:
+            iou = jnp.take_along_axis(mask_iou, flat_classes[:, None], axis=-1).reshape(b, d)
+            out.update(scores=scores * iou, box_scores=scores, mask_iou=iou)
         return out

@@ -2,6 +2,7 @@
 (detectron2's StandardROIHeads box path with FastRCNNConvFCHead and FastRCNNOutputLayers)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,22 +33,24 @@ class BoxHead(nn.Module):
 
 
 class BoxPredictor(nn.Module):
-    """K+1 class logits (background last) and 4K class-specific deltas."""
+    """K+1 class logits (background last) and 4K class-specific deltas (4 when
+    class_agnostic, as in the Cascade R-CNN stages)."""
     num_classes: int
+    class_agnostic: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         logits = nn.Dense(self.num_classes + 1, kernel_init=normal(0.01), dtype=self.dtype,
                           name="cls_score")(x)
-        deltas = nn.Dense(4 * self.num_classes, kernel_init=normal(0.001), dtype=self.dtype,
-                          name="bbox_pred")(x)
+        deltas = nn.Dense(4 if self.class_agnostic else 4 * self.num_classes, kernel_init=normal(0.001),
+                          dtype=self.dtype, name="bbox_pred")(x)
         return logits.astype(jnp.float32), deltas.astype(jnp.float32)
 
 
 def label_and_sample_proposals(rng, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
-                               num_classes: int, cfg):
-    """Append GT to the proposals, match at IoU cfg.iou_threshold and sample
+                               num_classes: int, iou_threshold: float, cfg):
+    """Append GT to the proposals, match at IoU iou_threshold and sample
     cfg.batch_size_per_image RoIs, at most cfg.positive_fraction foreground. One image.
 
     Returns dict of [S] arrays: boxes [S, 4], classes (K = background), gt_index, is_fg,
@@ -55,7 +58,7 @@ def label_and_sample_proposals(rng, proposals, proposal_valid, gt_boxes, gt_clas
     """
     boxes = jnp.concatenate([proposals, gt_boxes])
     valid = jnp.concatenate([proposal_valid, gt_valid])
-    matched, labels, _ = match(boxes, gt_boxes, gt_valid, (cfg.iou_threshold,), (0, 1),
+    matched, labels, _ = match(boxes, gt_boxes, gt_valid, (iou_threshold,), (0, 1),
                                allow_low_quality_matches=False)
     labels = jnp.where(valid, labels, -1)
     idx, is_fg, sampled = subsample_labels(rng, labels, cfg.batch_size_per_image, cfg.positive_fraction)
@@ -65,39 +68,67 @@ def label_and_sample_proposals(rng, proposals, proposal_valid, gt_boxes, gt_clas
             "valid": sampled}
 
 
+def relabel_boxes(boxes, valid, gt_boxes, gt_classes, gt_valid, iou_threshold: float, num_classes: int):
+    """Match already-sampled boxes again at a new IoU threshold, without resampling (a
+    Cascade R-CNN stage after the first). One image; boxes [S, 4], valid [S].
+    Returns the same dict as label_and_sample_proposals."""
+    matched, labels, _ = match(boxes, gt_boxes, gt_valid, (iou_threshold,), (0, 1),
+                               allow_low_quality_matches=False)
+    valid = valid & box_ops.nonempty(boxes)
+    is_fg = (labels == 1) & valid
+    return {"boxes": boxes, "classes": jnp.where(is_fg, gt_classes[matched], num_classes),
+            "gt_index": matched, "is_fg": is_fg, "valid": valid}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(x: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """Identity forward; gradient multiplied by `scale` (Cascade R-CNN's 1/num_stages)."""
+    return x
+
+
+scale_gradient.defvjp(lambda x, scale: (x, None), lambda scale, _, g: (g * scale,))
+
+
 def select_class_deltas(deltas: jnp.ndarray, classes: jnp.ndarray, num_classes: int) -> jnp.ndarray:
-    """deltas [R, 4K], classes [R] (background clamped to K-1) -> [R, 4]."""
+    """deltas [R, 4K], classes [R] (background clamped to K-1) -> [R, 4]. Class-agnostic
+    deltas [R, 4] pass through."""
+    if deltas.shape[-1] == 4:
+        return deltas
     per_class = deltas.reshape(deltas.shape[0], num_classes, 4)
     return jnp.take_along_axis(per_class, jnp.minimum(classes, num_classes - 1)[:, None, None], axis=1)[:, 0]
 
 
-def box_losses(logits, deltas, rois, gt_boxes, num_classes: int, cfg) -> dict[str, jnp.ndarray]:
+def box_losses(logits, deltas, rois, gt_boxes, num_classes: int, weights,
+               smooth_l1_beta: float = 0.0) -> dict[str, jnp.ndarray]:
     """Softmax CE over sampled RoIs and L1 on foreground deltas of the GT class, summed and
     divided by the number of sampled RoIs. All inputs flattened over the batch: logits
     [R, K+1], deltas [R, 4K]; rois: dict from label_and_sample_proposals with [R] arrays;
-    gt_boxes: [R, 4] the matched GT box of each RoI."""
-    weights = rois["valid"].astype(jnp.float32)
-    loss_cls = losses.softmax_cross_entropy(logits, rois["classes"], weights)
+    gt_boxes: [R, 4] the matched GT box of each RoI; weights: the box coding weights."""
+    sampled = rois["valid"].astype(jnp.float32)
+    loss_cls = losses.softmax_cross_entropy(logits, rois["classes"], sampled)
     fg = rois["is_fg"]
-    targets = box_ops.encode(rois["boxes"], gt_boxes, cfg.bbox_reg_weights)
+    targets = box_ops.encode(rois["boxes"], gt_boxes, weights)
     targets = jnp.where(fg[:, None], targets, 0.0)
     pred = select_class_deltas(deltas, rois["classes"], num_classes)
-    reg = losses.smooth_l1(pred, targets, cfg.smooth_l1_beta).sum(-1)
-    loss_box = jnp.sum(reg * fg) / jnp.maximum(jnp.sum(weights), 1.0)
+    reg = losses.smooth_l1(pred, targets, smooth_l1_beta).sum(-1)
+    loss_box = jnp.sum(reg * fg) / jnp.maximum(jnp.sum(sampled), 1.0)
     return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
 
 
-def box_inference(logits, deltas, proposals, proposal_valid, image_hw, num_classes: int, cfg):
+def box_inference(probs, deltas, proposals, proposal_valid, image_hw, num_classes: int, weights, cfg):
     """Detections of one image (detectron2's fast_rcnn_inference_single_image, static).
 
-    logits [P, K+1], deltas [P, 4K], proposals [P, 4], proposal_valid [P], image_hw [2].
+    probs [P, K+1] (softmax; the mean over stages for a cascade), deltas [P, 4K] or
+    class-agnostic [P, 4], proposals [P, 4], proposal_valid [P], image_hw [2], weights: the
+    box coding weights of the stage that predicted the deltas.
     Scores > cfg.score_threshold; of those, the cfg.topk_candidates best (box, class) pairs
     go through per-class NMS; the best cfg.detections_per_image survive.
     Returns boxes [D, 4], scores [D], classes [D], valid [D].
     """
-    probs = jax.nn.softmax(logits, axis=-1)[:, :num_classes]                       # [P, K]
-    boxes = box_ops.decode(deltas.reshape(-1, num_classes, 4), proposals[:, None, :],
-                           cfg.bbox_reg_weights)
+    probs = probs[:, :num_classes]                                                  # [P, K]
+    per_class = deltas.reshape(deltas.shape[0], -1, 4)                               # [P, K or 1, 4]
+    boxes = box_ops.decode(per_class, proposals[:, None, :], weights)
+    boxes = jnp.broadcast_to(boxes, (deltas.shape[0], num_classes, 4))
     boxes = box_ops.clip(boxes, image_hw[0], image_hw[1])                            # [P, K, 4]
     candidate = (probs > cfg.score_threshold) & proposal_valid[:, None] \
         & jnp.all(jnp.isfinite(boxes), axis=-1)

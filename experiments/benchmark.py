@@ -1,0 +1,214 @@
+"""Speed of a config on this machine: compile time, train step, images/s, inference latency
+(mask pasting included), peak host memory, and XLA's FLOPs set against the matmul peak
+measured in the same run. Optionally times torchvision's maskrcnn_resnet50_fpn on the same
+inputs and thread count when torchvision is importable.
+
+    python experiments/benchmark.py --config configs/mask_rcnn.py:r50_fpn_1x --batch 2 \
+        --repeats 5 --torchvision --out bench.json
+
+Numbers are medians over --repeats runs after one warm-up run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bmask_jax.evaluate import postprocess  # noqa: E402
+from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
+from bmask_jax.train import MODEL_KEYS, create_train_state, dummy_batch, train_step  # noqa: E402
+
+
+def load_config(spec: str):
+    import importlib.util
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()                                             # warm-up
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    t = statistics.median(timed(lambda: f(a).block_until_ready(), repeats))
+    return 2 * n ** 3 / t / 1e9
+
+
+def flops_of(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def synthetic_batch(config, batch: int, num_gt: int = 12, seed: int = 0) -> dict:
+    b = dummy_batch(config, batch)
+    rng = np.random.default_rng(seed)
+    h, w = b["image"].shape[1:3]
+    b["image"] = rng.integers(0, 255, b["image"].shape).astype(np.uint8)
+    g = b["gt_boxes"].shape[1]
+    xy = rng.uniform(0, [w * 0.7, h * 0.7], (batch, g, 2))
+    b["gt_boxes"] = np.concatenate([xy, xy + rng.uniform(20, min(h, w) * 0.3, (batch, g, 2))], -1).astype(np.float32)
+    b["gt_classes"] = rng.integers(0, config.model.num_classes, (batch, g)).astype(np.int32)
+    b["gt_valid"] = np.arange(g)[None].repeat(batch, 0) < num_gt
+    return b
+
+
+def bench_ours(config, batch: int, repeats: int) -> dict:
+    model = BMaskRCNN(config.model)
+    state, tx = create_train_state(config, model, jax.random.PRNGKey(0))
+    data = {k: jnp.asarray(v) for k, v in synthetic_batch(config, batch).items() if k in MODEL_KEYS}
+    step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))
+    t = time.perf_counter()
+    compiled_step = step.lower(state, data).compile()
+    compile_train = time.perf_counter() - t
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = compiled_step(holder["state"], data)
+        jax.block_until_ready(metrics)
+
+    train_times = timed(run_step, repeats)
+
+    variables = {"params": holder["state"].params, "frozen": holder["state"].frozen}
+    one = {"image": data["image"][:1], "image_hw": data["image_hw"][:1]}
+    detect = jax.jit(lambda v, b: model.apply(v, b, train=False))
+    t = time.perf_counter()
+    compiled_detect = detect.lower(variables, one).compile()
+    compile_infer = time.perf_counter() - t
+    scale, orig_hw = np.ones(2, np.float32), np.asarray(one["image_hw"][0])
+
+    def run_infer():
+        det = jax.device_get(compiled_detect(variables, one))
+        postprocess(det, 0, scale, orig_hw, 0.5)     # paste masks at full size, as evaluation does
+
+    infer_times = timed(run_infer, repeats)
+
+    pyramid = jax.jit(lambda v, x: model.apply(v, x, method=lambda m, im: m.backbone(m.normalize(im))))
+    compiled_backbone = pyramid.lower(variables, one["image"]).compile()
+    backbone_times = timed(lambda: jax.block_until_ready(compiled_backbone(variables, one["image"])), repeats)
+
+    train_s = statistics.median(train_times)
+    backbone_s = statistics.median(backbone_times)
+    return {
+        "compile_train_s": compile_train, "compile_inference_s": compile_infer,
+        "train_step_s": train_s, "train_images_per_s": batch / train_s,
+        "inference_latency_s": statistics.median(infer_times),
+        "backbone_forward_s": backbone_s,
+        "train_step_gflops": flops_of(compiled_step) / 1e9,
+        "inference_gflops": flops_of(compiled_detect) / 1e9,
+        "backbone_forward_gflops": flops_of(compiled_backbone) / 1e9,
+        "backbone_gflops_per_s": flops_of(compiled_backbone) / 1e9 / backbone_s,
+        "train_times_s": train_times, "inference_times_s": infer_times,
+    }
+
+
+def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
+    import torch
+    import torchvision
+    torch.set_num_threads(threads)
+    h, w = config.data.canvas_buckets[0]
+    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=config.model.num_classes + 1,
+        min_size=min(h, w), max_size=max(h, w))
+    data = synthetic_batch(config, batch)
+    images = [torch.from_numpy(data["image"][i]).permute(2, 0, 1).float() / 255 for i in range(batch)]
+    targets = []
+    for i in range(batch):
+        valid = data["gt_valid"][i]
+        boxes = torch.from_numpy(data["gt_boxes"][i][valid])
+        masks = torch.zeros((len(boxes), h, w), dtype=torch.uint8)
+        for j, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[j, y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.from_numpy(data["gt_classes"][i][valid]).long() + 1,
+                        "masks": masks})
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    model.train()
+
+    def run_step():
+        loss = sum(model(images, targets).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    train_times = timed(run_step, repeats)
+    model.eval()
+    model.roi_heads.detections_per_img = config.model.roi_heads.detections_per_image
+
+    def run_infer():
+        with torch.no_grad():
+            model(images[:1])
+
+    infer_times = timed(run_infer, repeats)
+    return {"train_step_s": statistics.median(train_times), "train_images_per_s": batch / statistics.median(train_times),
+            "inference_latency_s": statistics.median(infer_times), "train_times_s": train_times,
+            "inference_times_s": infer_times, "torch_threads": threads}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/mask_rcnn.py:r50_fpn_1x")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--torchvision", action="store_true", help="also time torchvision's Mask R-CNN")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    config = load_config(args.config)
+    threads = os.cpu_count() or 1
+    result = {"config": args.config, "batch": args.batch, "canvas": list(config.data.canvas_buckets[0]),
+              "devices": [str(d) for d in jax.devices()], "threads": threads,
+              "matmul_peak_gflops_per_s": matmul_peak_gflops()}
+    result["ours"] = bench_ours(config, args.batch, args.repeats)
+    result["ours"]["backbone_fraction_of_matmul_peak"] = (
+        result["ours"]["backbone_gflops_per_s"] / result["matmul_peak_gflops_per_s"])
+    if args.torchvision:
+        try:
+            result["torchvision"] = bench_torchvision(config, args.batch, args.repeats, threads)
+            tv, ours = result["torchvision"], result["ours"]
+            result["ratios_ours_over_torchvision"] = {
+                "train_step": ours["train_step_s"] / tv["train_step_s"],
+                "inference": ours["inference_latency_s"] / tv["inference_latency_s"]}
+        except ImportError as e:
+            result["torchvision"] = {"error": f"torchvision not importable: {e}"}
+    result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    o = result["ours"]
+    print(f"{args.config}  batch {args.batch}  canvas {result['canvas']}  matmul peak "
+          f"{result['matmul_peak_gflops_per_s']:.0f} GFLOP/s")
+    print(f"  compile: train {o['compile_train_s']:.1f} s, inference {o['compile_inference_s']:.1f} s")
+    print(f"  train step {o['train_step_s']:.3f} s ({o['train_images_per_s']:.2f} img/s, "
+          f"{o['train_step_gflops']:.0f} GFLOP)")
+    print(f"  inference {o['inference_latency_s']:.3f} s/img ({o['inference_gflops']:.0f} GFLOP)")
+    print(f"  backbone forward {o['backbone_forward_s']:.3f} s, {o['backbone_gflops_per_s']:.0f} GFLOP/s = "
+          f"{100 * o['backbone_fraction_of_matmul_peak']:.0f}% of matmul peak")
+    if "ratios_ours_over_torchvision" in result:
+        r = result["ratios_ours_over_torchvision"]
+        print(f"  ours / torchvision: train step {r['train_step']:.2f}, inference {r['inference']:.2f}")
+    print(f"  peak host memory {result['peak_host_memory_gb']:.1f} GB")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Exact resume: interrupted runs (kill -9, SIGTERM) continue to the same parameters as an
+uninterrupted run, on the CPU."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from bmask_jax.evaluate import restore_variables
+from configs import bmask_rcnn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(workdir, max_iter, checkpoint_every=2):
+    return [sys.executable, "-m", "bmask_jax.main", "--config", "configs/bmask_rcnn.py:tiny",
+            "--workdir", str(workdir), f"--config.train.max_iter={max_iter}",
+            f"--config.train.checkpoint_every={checkpoint_every}", "--config.train.eval_at_end=False",
+            "--config.train.log_every=1"]
+
+
+def _steps(workdir):
+    d = os.path.join(workdir, "checkpoints")
+    return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def _params(workdir):
+    c = bmask_rcnn.get_config("tiny")
+    return jax.tree_util.tree_leaves(restore_variables(c, str(workdir))["params"])
+
+
+def _wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "process ended early"
+        assert time.time() - start < timeout, "timed out"
+        time.sleep(0.2)
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kill9_and_sigterm_resume_to_identical_parameters(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(straight, 8), cwd=REPO, env=env, check=True, capture_output=True)
+    assert _steps(straight)[-1] == 8
+
+    # kill -9 once the step-4 checkpoint is complete, then resume to step 8.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(killed, 8), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: 4 in _steps(killed), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(_steps(killed)) < 8
+    subprocess.run(_cli(killed, 8), cwd=REPO, env=env, check=True, capture_output=True)
+    _assert_same(_params(straight), _params(killed))
+
+    # SIGTERM: a checkpoint is written at the step where training stopped; resuming finishes.
+    termed = tmp_path / "termed"
+    proc = subprocess.Popen(_cli(termed, 8, checkpoint_every=100), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = termed / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = _steps(termed)
+    assert len(stopped) == 1 and 2 <= stopped[0] < 8, (stopped, out)
+    subprocess.run(_cli(termed, 8, checkpoint_every=100), cwd=REPO, env=env, check=True, capture_output=True)
+    _assert_same(_params(straight), _params(termed))
