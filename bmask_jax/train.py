@@ -194,9 +194,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     progress = _progress(start, t.max_iter, is_main)
     last_time, last_step = time.time(), start
     metrics = None
+    canvases: set[tuple[int, int]] = set()
+    run_start = time.time()
     try:
         for step in range(start, t.max_iter):
             local = loader.batch(step)
+            canvases.add(tuple(local["image"].shape[1:3]))
             batch = sharding.global_batch({k: local[k] for k in MODEL_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
             progress.update(1)
@@ -225,12 +228,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
         mgr.wait_until_finished()
         loader.close()
         progress.close()
+    if is_main:
+        # One compile per canvas bucket and never again: the count proves it (a recompile on
+        # every new shape would show here, and is what static shapes are for).
+        summary = {"start_step": start, "end_step": int(state.step), "seconds": time.time() - run_start,
+                   "canvases": sorted(canvases), "train_step_compiles": compile_count(step_fn),
+                   "instances_beyond_max": loader.num_dropped, "skipped_nonfinite": int(state.num_skipped)}
+        with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if int(state.step) < t.max_iter:   # stopped early by SIGTERM
         return {}
     if t.eval_at_end and is_main:
         from bmask_jax import evaluate
         return evaluate.evaluate(config, workdir, {"params": state.params, "frozen": state.frozen})
     return {}
+
+
+def compile_count(jitted) -> int:
+    """How many programs a jitted function has compiled (one per distinct input shape)."""
+    return jitted._cache_size() if hasattr(jitted, "_cache_size") else -1
 
 
 def _progress(start: int, total: int, enabled: bool):
