@@ -1,0 +1,123 @@
+"""COCO-format input: real files on disk, odd images and bad annotations."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from bmask_jax.data.coco import CocoJsonDataset
+from bmask_jax.data.images import load_rgb
+from bmask_jax.data.synthetic import SyntheticShapes
+from bmask_jax.train import train_and_evaluate
+from test_train import tiny_config
+
+
+def test_coco_json_dataset_trains_and_evaluates_from_files(tmp_path):
+    train_json = SyntheticShapes("train", num_images=8, image_size=(64, 64), max_instances=3).export_coco(str(tmp_path / "train"))
+    val_json = SyntheticShapes("val", num_images=4, image_size=(64, 64), max_instances=3).export_coco(str(tmp_path / "val"))
+    ds = CocoJsonDataset(train_json, str(tmp_path / "train" / "images"))
+    ref = SyntheticShapes("train", num_images=8, image_size=(64, 64), max_instances=3)
+    np.testing.assert_array_equal(ds[3]["image"], ref[3]["image"])
+    np.testing.assert_array_equal(ds[3]["masks"], ref[3]["masks"])
+    np.testing.assert_allclose(ds[3]["boxes"], ref[3]["boxes"])
+    c = tiny_config("maskrcnn")
+    c.data.update(dataset="coco", coco_train_json=train_json, coco_eval_json=val_json,
+                  coco_images=str(tmp_path / "train" / "images"))
+    c.train.update(max_iter=2, checkpoint_every=100)
+    # val images live in their own folder: evaluate reads data.coco_images for both splits,
+    # so point it at a folder holding both.
+    for name in os.listdir(tmp_path / "val" / "images"):
+        os.replace(tmp_path / "val" / "images" / name, tmp_path / "train" / "images" / f"val_{name}")
+    gt = json.load(open(val_json))
+    for im in gt["images"]:
+        im["file_name"] = f"val_{im['file_name']}"
+    json.dump(gt, open(val_json, "w"))
+    metrics = train_and_evaluate(c, str(tmp_path / "run"))
+    assert metrics["num_images"] == 4 and "AP" in metrics["segm"]
+
+
+def _write(path, array, **kw):
+    Image.fromarray(array).save(path, **kw)
+    return str(path)
+
+
+def test_load_rgb_converts_grayscale_rgba_16bit_and_exif(tmp_path):
+    gray = _write(tmp_path / "g.png", np.full((4, 6), 100, np.uint8))
+    assert load_rgb(gray).shape == (4, 6, 3) and (load_rgb(gray) == 100).all()
+    rgba = _write(tmp_path / "a.png", np.full((4, 6, 4), 50, np.uint8))
+    assert load_rgb(rgba).shape == (4, 6, 3)
+    deep = tmp_path / "d.png"
+    Image.fromarray(np.full((4, 6), 65535, np.uint16)).save(deep)
+    assert load_rgb(str(deep)).shape == (4, 6, 3) and load_rgb(str(deep)).max() == 255
+    # EXIF orientation 6 (rotate 90 clockwise to display): a 4x6 file displays as 6x4.
+    im = Image.fromarray(np.zeros((4, 6, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "e.jpg", exif=exif)
+    assert load_rgb(str(tmp_path / "e.jpg")).shape == (6, 4, 3)
+
+
+def test_unreadable_and_missing_images_name_the_file(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        load_rgb(str(tmp_path / "bad.jpg"))
+    with pytest.raises(ValueError, match="missing.png"):
+        load_rgb(str(tmp_path / "missing.png"))
+
+
+def test_bad_annotations_are_skipped_and_counted(tmp_path):
+    _write(tmp_path / "a.png", np.zeros((20, 30, 3), np.uint8))
+    mask = np.zeros((20, 30), np.uint8, order="F")
+    mask[2:8, 3:9] = 1
+    rle = mask_utils.encode(mask)
+    rle["counts"] = rle["counts"].decode()
+    uncompressed = {"size": [20, 30], "counts": [int(x) for x in _uncompressed_counts(mask)]}
+    poly = [[3, 2, 9, 2, 9, 8, 3, 8]]
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": poly},
+        {"id": 2, "image_id": 1, "category_id": 42, "bbox": [3, 2, 6, 6], "segmentation": rle},
+        {"id": 3, "image_id": 1, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": uncompressed},
+        {"id": 4, "image_id": 99, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": poly},
+        {"id": 5, "image_id": 1, "category_id": 5, "bbox": [3, 2, 6, 6], "segmentation": poly},
+        {"id": 6, "image_id": 1, "category_id": 7, "bbox": [3, 2, 0, 6], "segmentation": poly},
+        {"id": 7, "image_id": 1, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": [[1, 1, 2, 2]]},
+        {"id": 8, "image_id": 1, "category_id": 42, "bbox": [3, 2, 6, 6], "segmentation": poly, "iscrowd": 1},
+    ]
+    gt = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}], "annotations": anns,
+          "categories": [{"id": 7, "name": "seven"}, {"id": 42, "name": "forty-two"}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(gt))
+    ds = CocoJsonDataset(str(path), str(tmp_path))
+    assert ds.category_ids == [7, 42] and ds.class_names == ("seven", "forty-two")   # non-contiguous ids
+    assert ds.skipped == {"unknown image_id": 1, "unknown category_id": 1, "box of zero or negative size": 1}
+    ex = ds[0]
+    assert ex["classes"].tolist() == [0, 1, 0, 1]            # polygon, RLE, uncompressed RLE, crowd
+    assert ex["iscrowd"].tolist() == [False, False, False, True]
+    for m in ex["masks"][:3]:
+        np.testing.assert_array_equal(m, mask)
+    assert ds.skipped["polygon with fewer than 3 points"] == 1
+
+
+def _uncompressed_counts(mask):
+    flat = mask.flatten(order="F")
+    counts, current, run = [], 0, 0
+    for v in flat:
+        if v != current:
+            counts.append(run)
+            current, run = v, 0
+        run += 1
+    counts.append(run)
+    return counts
+
+
+def test_missing_or_malformed_annotation_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CocoJsonDataset(str(tmp_path / "nope.json"), str(tmp_path))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json"):
+        CocoJsonDataset(str(tmp_path / "broken.json"), str(tmp_path))
+    (tmp_path / "other.json").write_text("{}")
+    with pytest.raises(ValueError, match="images"):
+        CocoJsonDataset(str(tmp_path / "other.json"), str(tmp_path))
