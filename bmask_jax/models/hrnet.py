@@ -24,7 +24,8 @@ it is so that freezing and train.parameter_labels treat both backbones alike),
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
