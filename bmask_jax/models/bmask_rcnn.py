@@ -208,7 +208,7 @@ class BMaskRCNN(nn.Module):
         stages = self.box_stages()
         b, p = proposals.shape[:2]
         boxes = proposals
-        probs_sum = 0.0
+        probs_sum, deltas = 0.0, None
         for i, (head, predictor, _, weights) in enumerate(stages):
             if i > 0:
                 boxes = box_ops.clip(box_ops.decode(deltas.reshape(b, p, 4), boxes, stages[i - 1][3]),
