@@ -69,7 +69,7 @@ def synthetic_batch(config, batch: int, num_gt: int = 12, seed: int = 0) -> dict
     b["image"] = rng.integers(0, 255, b["image"].shape).astype(np.uint8)
     g = b["gt_boxes"].shape[1]
     xy = rng.uniform(0, [w * 0.7, h * 0.7], (batch, g, 2))
-    b["gt_boxes"] = np.concatenate([xy, xy + rng.uniform(20, min(h, w) * 0.3, (batch, g, 2))], -1).astype(np.float32)
+    b["gt_boxes"] = np.concatenate([xy, xy + rng.uniform(min(h, w) * 0.05, min(h, w) * 0.3, (batch, g, 2))], -1).astype(np.float32)
     b["gt_classes"] = rng.integers(0, config.model.num_classes, (batch, g)).astype(np.int32)
     b["gt_valid"] = np.arange(g)[None].repeat(batch, 0) < num_gt
     return b
@@ -203,7 +203,7 @@ def main():
           f"{100 * o['backbone_fraction_of_matmul_peak']:.0f}% of matmul peak")
     if "ratios_ours_over_torchvision" in result:
         r = result["ratios_ours_over_torchvision"]
-        print(f"  ours / torchvision: train step {r['train_step']:.2f}, inference {r['inference']:.2f}")
+        print(f"  ours / torchvision: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
     print(f"  peak host memory {result['peak_host_memory_gb']:.1f} GB")
     if args.out:
         with open(args.out, "w") as f:
