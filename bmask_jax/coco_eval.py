@@ -43,7 +43,8 @@ def coco_evaluate(gt: dict, results: list[dict], iou_type: str) -> dict:
     gt: COCO-format ground truth dict (images, annotations, categories).
     results: COCO results list ({"image_id", "category_id", "bbox": [x, y, w, h], "score"},
         plus "segmentation" RLE for segm). For segm, "bbox" is ignored (removed, as detectron2
-        does) so that small/medium/large use the mask area.
+        does) so that small/medium/large use the mask area. An optional "box_score" replaces
+        "score" for bbox evaluation.
     iou_type: "bbox" or "segm".
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP_per_iou": {"0.50": ..., ...,
     "0.95": ...}} as floats in [0, 1] (-1 where pycocotools gives -1). AP_per_iou[t] is the mean
@@ -66,6 +67,10 @@ def coco_evaluate(gt: dict, results: list[dict], iou_type: str) -> dict:
     else:
         for r in results:
             r.pop("segmentation", None)
+            # With Mask Scoring, masks are scored by class score x MaskIoU but boxes keep the
+            # class score (as Mask Scoring R-CNN), carried as "box_score".
+            if "box_score" in r:
+                r["score"] = r.pop("box_score")
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()

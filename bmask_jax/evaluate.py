@@ -32,7 +32,9 @@ def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float) -> dic
     hw = (int(orig_hw[0]), int(orig_hw[1]))
     out = {"boxes": boxes, "scores": det["scores"][i][valid], "classes": det["classes"][i][valid],
            "masks": paste_masks(det["mask_probs"][i][valid], boxes, hw, mask_threshold),
-           "boundaries": None}
+           "boundaries": None, "box_scores": None}
+    if "box_scores" in det:
+        out["box_scores"] = det["box_scores"][i][valid]
     if "boundary_probs" in det:
         out["boundaries"] = paste_masks(det["boundary_probs"][i][valid], boxes, hw, 0.5)
     return out
@@ -41,10 +43,12 @@ def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float) -> dic
 def to_coco_results(image_id: int, inst: dict, category_ids) -> list[dict]:
     rles = masks_to_rle(inst["masks"])
     out = []
-    for box, score, cls, rle in zip(inst["boxes"], inst["scores"], inst["classes"], rles):
+    for j, (box, score, cls, rle) in enumerate(zip(inst["boxes"], inst["scores"], inst["classes"], rles)):
         x1, y1, x2, y2 = (float(v) for v in box)
         out.append({"image_id": int(image_id), "category_id": int(category_ids[int(cls)]),
                     "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score), "segmentation": rle})
+        if inst.get("box_scores") is not None:
+            out[-1]["box_score"] = float(inst["box_scores"][j])
     return out
 
 

@@ -158,3 +158,15 @@ def test_plot_ap_vs_iou(tmp_path):
         im.verify()
     with Image.open(path) as im:
         assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_box_score_ranks_boxes_and_score_ranks_masks():
+    # Mask Scoring: masks ranked by "score", boxes by "box_score". Here the masks put the FP
+    # first (AP 0.5 * 51/101, as above) while the boxes put the TP first (AP 51/101).
+    a = _rect_mask(10, 10, 40, 40)
+    b = _rect_mask(60, 50, 40, 40)
+    gt = _make_gt([(1, 1, a), (1, 1, b)])
+    fp = _rect_mask(70, 0, 45, 30)
+    results = [dict(_det(1, 1, fp, 0.9), box_score=0.5), dict(_det(1, 1, a, 0.8), box_score=0.8)]
+    assert coco_evaluate(gt, results, "segm")["AP"] == pytest.approx(0.5 * 51 / 101, abs=1e-12)
+    assert coco_evaluate(gt, results, "bbox")["AP"] == pytest.approx(51 / 101, abs=1e-12)

@@ -272,8 +272,6 @@ class BMaskRCNN(nn.Module):
         valid [B, D], mask_probs [B, D, 28, 28] and boundary_probs ('bmask' and 'sobel') of the
         predicted class. With Mask Scoring, scores = class score x predicted MaskIoU of the
         class, and box_scores (the class scores) and mask_iou [B, D] are returned too."""
-        cfg = self.cfg
-        k = cfg.num_classes
         images = batch["image"]
         b = images.shape[0]
         pyramid = self.pyramid(images)
