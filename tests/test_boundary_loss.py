@@ -1,6 +1,5 @@
 """Boundary targets and the boundary loss against hand-made masks, numpy formulas and the
 authors' own outputs (official_boundary_head.npz)."""
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,14 +9,7 @@ import pytest
 from bmask_jax import losses
 from bmask_jax.ops.boundaries import boundary_targets
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
-def _reference(name):
-    path = REFERENCE_DIR / name
-    if not path.exists():
-        pytest.skip(f"reference file {path} not found (expected the shared/ directory beside the repo)")
-    return np.load(path)
+from helpers import reference as _reference
 
 
 def _bt(mask):

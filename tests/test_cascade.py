@@ -3,11 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.box_head import relabel_boxes, scale_gradient
-from bmask_jax.train import MODEL_KEYS, create_train_state, train_step
-from test_train import tiny_config
+from bmask_jax.train import create_train_state, train_step
+from helpers import first_batch, tiny_config
 
 
 def test_scale_gradient_is_identity_forward_and_scales_backward():
@@ -38,9 +37,7 @@ def test_cascade_bmask_trains_and_detects():
     state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
     assert {"box_heads_0", "box_heads_2", "box_predictors_1"} <= set(state.params)
     assert state.params["box_predictors_0"]["bbox_pred"]["kernel"].shape[-1] == 4   # class-agnostic
-    loader = TrainBatches(build_dataset(c.data, "train"), c.data, 2, 0)
-    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
-    loader.close()
+    batch = first_batch(c)
     step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))
     for _ in range(2):
         state, metrics = step(state, batch)

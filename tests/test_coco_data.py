@@ -11,7 +11,7 @@ from bmask_jax.data.coco import CocoJsonDataset
 from bmask_jax.data.images import load_rgb
 from bmask_jax.data.synthetic import SyntheticShapes
 from bmask_jax.train import train_and_evaluate
-from test_train import tiny_config
+from helpers import tiny_config
 
 
 def test_coco_json_dataset_trains_and_evaluates_from_files(tmp_path):

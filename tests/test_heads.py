@@ -1,28 +1,19 @@
 """Mask heads: the boundary-preserving head with the authors' weights against the authors'
 outputs (official_boundary_head.npz), parameter counts (SPEC section 11), and Deconv2x against
 a numpy loop of ConvTranspose2d(kernel 2, stride 2)."""
-from pathlib import Path
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from bmask_jax.models.layers import Deconv2x
 from bmask_jax.models.mask_heads import BoundaryPreservingHead, MaskRCNNHead
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+from helpers import reference as _reference
 
 CONV_NAMES = ["mask_fcn1", "mask_fcn2", "mask_fcn3", "mask_fcn4", "downsample", "mask_to_boundary",
               "boundary_fcn1", "boundary_fcn2", "boundary_to_mask", "mask_final_fusion"]
-
-
-def _reference(name):
-    path = REFERENCE_DIR / name
-    if not path.exists():
-        pytest.skip(f"reference file {path} not found (expected the shared/ directory beside the repo)")
-    return np.load(path)
 
 
 def _param_count(module, *inputs):

@@ -3,12 +3,11 @@ multi-resolution fusion against numpy, freezing, and BMask R-CNN training on a t
 import jax
 import jax.numpy as jnp
 import numpy as np
-from test_train import tiny_config
+from helpers import first_batch, tiny_config
 
-from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.hrnet import HRNet, MultiResolutionFusion
-from bmask_jax.train import MODEL_KEYS, create_train_state, parameter_labels, train_step
+from bmask_jax.train import create_train_state, parameter_labels, train_step
 
 TINY = {"stem_channels": 8, "stage1_channels": 4, "stage1_blocks": 1, "widths": (4, 8, 12, 16),
         "num_modules": (1, 1, 1), "num_blocks": (1, 1, 1)}
@@ -199,9 +198,7 @@ def test_bmask_rcnn_trains_with_a_tiny_hrnet():
     model = BMaskRCNN(c.model)
     state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
     assert "stage4_0" in state.params["backbone"]
-    loader = TrainBatches(build_dataset(c.data, "train"), c.data, 2, 0)
-    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
-    loader.close()
+    batch = first_batch(c)
     step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))
     first = state.params["backbone"]["stage4_0"]["fusion"]["fuse0_3_conv"]["Conv_0"]["kernel"]
     for _ in range(3):

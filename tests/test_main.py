@@ -9,7 +9,7 @@ from bmask_jax.data.synthetic import SyntheticShapes
 from bmask_jax.evaluate import evaluate, restore_variables
 from bmask_jax.predict import predict
 from bmask_jax.train import train_and_evaluate
-from test_train import tiny_config
+from helpers import tiny_config
 
 
 def test_train_evaluate_predict_end_to_end(tmp_path):

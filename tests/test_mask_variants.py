@@ -13,17 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import tiny_config
+from helpers import first_batch, tiny_config
 
 from bmask_jax import losses
 from bmask_jax import train as train_lib
-from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.layers import Conv
 from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, SobelMaskHead, mask_iou_targets,
                                          mask_losses, max_pool_2x2, sobel_edges)
 from bmask_jax.ops.boundaries import boundary_targets
-from bmask_jax.train import MODEL_KEYS, dummy_batch, train_step
+from bmask_jax.train import dummy_batch, train_step
 
 BASE_KEYS = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
 
@@ -67,11 +66,7 @@ def variant_config(head, overrides):
 @pytest.fixture(scope="module")
 def batch():
     c = tiny_config()
-    loader = TrainBatches(build_dataset(c.data, "train"), c.data, 2, 0)
-    try:
-        return {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
-    finally:
-        loader.close()
+    return first_batch(c)
 
 
 # The steps run on 64x64 images: XLA's backend optimisations would cost more compile time than

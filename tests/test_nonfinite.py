@@ -9,7 +9,7 @@ import pytest
 
 from bmask_jax.evaluate import restore_variables
 from bmask_jax.train import NonFiniteLossError, train_and_evaluate
-from test_train import tiny_config
+from helpers import tiny_config
 
 
 def _exploding_config():

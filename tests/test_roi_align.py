@@ -3,7 +3,6 @@ kernel, against torchvision's own outputs (reference npz), and its gradient agai
 differences."""
 import math
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,14 +11,7 @@ import pytest
 
 from bmask_jax.ops.roi_align import assign_levels, roi_align
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
-def _reference(name):
-    path = REFERENCE_DIR / name
-    if not path.exists():
-        pytest.skip(f"reference file {path} not found (expected the shared/ directory beside the repo)")
-    return np.load(path)
+from helpers import reference as _reference
 
 
 # ------------------------------------------------------------------ numpy reference (torchvision)

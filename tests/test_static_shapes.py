@@ -9,7 +9,7 @@ import numpy as np
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.train import MODEL_KEYS, create_train_state, train_and_evaluate, train_step
-from test_train import tiny_config
+from helpers import tiny_config
 
 
 def test_train_step_compiles_once_per_canvas_bucket(tmp_path):

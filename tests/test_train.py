@@ -2,20 +2,13 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from bmask_jax import config as config_lib
-from bmask_jax.data.pipeline import TrainBatches, build_dataset
+from helpers import first_batch, tiny_config
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.train import (MODEL_KEYS, create_train_state, learning_rate, learning_rate_np,
+from bmask_jax.train import (create_train_state, learning_rate, learning_rate_np,
                              parameter_labels, train_and_evaluate, train_step)
-
-
-def tiny_config(head="bmask"):
-    c = config_lib.tiny(config_lib.base())
-    c.model.mask_head.name = head
-    return c
 
 
 def test_learning_rate_warmup_and_steps():
@@ -48,9 +41,7 @@ def test_frozen_parameters_do_not_move():
     c.model.backbone.freeze_at = 2
     model = BMaskRCNN(c.model)
     state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
-    loader = TrainBatches(build_dataset(c.data, "train"), c.data, 2, 0)
-    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
-    loader.close()
+    batch = first_batch(c)
     new, _ = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))(state, batch)
     before, after = state.params["backbone"], new.params["backbone"]
     np.testing.assert_array_equal(before["res2_0"]["conv1"]["Conv_0"]["kernel"],
@@ -63,9 +54,7 @@ def test_training_loss_falls_on_a_fixed_batch():
     c = tiny_config()
     model = BMaskRCNN(c.model)
     state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
-    loader = TrainBatches(build_dataset(c.data, "train"), c.data, 2, 0)
-    batch = {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
-    loader.close()
+    batch = first_batch(c)
     step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))
     totals = []
     for _ in range(30):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import tiny_config
+from helpers import tiny_config
 
 from bmask_jax import checkpoints, weights
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
