@@ -33,3 +33,12 @@ def first_batch(c) -> dict:
         return {k: jnp.asarray(v) for k, v in loader.batch(0).items() if k in MODEL_KEYS}
     finally:
         loader.close()
+
+
+def iou_brute_force(a, b) -> float:
+    """IoU of two (x1, y1, x2, y2) boxes from the definition, in plain Python."""
+    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
+    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -10,16 +10,11 @@ import pytest
 
 from bmask_jax.ops.matching import match
 from bmask_jax.ops.sampling import subsample_labels
+from helpers import iou_brute_force as _iou
 
 
 # ----------------------------------------------------------------------------- matching
 
-def _iou(a, b):
-    iw = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0)
-    ih = max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _ref_matcher(boxes, gt_boxes, gt_valid, thresholds, labels, allow_low_quality_matches,
