@@ -41,7 +41,7 @@ def base() -> ml_collections.ConfigDict:
         post_nms_topk_test=1000, nms_threshold=0.7))
     m.roi_heads = ml_collections.ConfigDict(dict(
         iou_threshold=0.5, batch_size_per_image=512, positive_fraction=0.25,
-        pooler_resolution=7, sampling_ratio=2, max_adaptive_samples=4,
+        pooler_resolution=7, sampling_ratio=2, max_adaptive_samples=4,   # 0: uncapped, inference only
         num_fc=2, fc_dim=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), smooth_l1_beta=0.0,
         train_on_pred_boxes=True, score_threshold=0.05, nms_threshold=0.5,
         detections_per_image=100, topk_candidates=1000,

@@ -166,6 +166,11 @@ def _check_finite(state: TrainState, losses: dict | None, skip: bool) -> None:
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train (resuming from workdir if it holds a checkpoint), then evaluate if configured."""
+    r = config.model.roi_heads
+    if r.sampling_ratio == 0 and r.max_adaptive_samples == 0:
+        raise ValueError("model.roi_heads.max_adaptive_samples=0 (uncapped adaptive RoIAlign sampling) is for "
+                         "inference only: its loop length depends on the boxes, so it has no gradient. "
+                         "Train with a cap (e.g. 4, the default) or with model.roi_heads.sampling_ratio=2")
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh()
     is_main = jax.process_index() == 0

@@ -120,6 +120,12 @@ def test_adaptive_grid_is_capped_as_documented():
     exact = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 6))
     np.testing.assert_allclose(exact, np.stack([_ref_roi_align(feat, b, 1.0, 2, 0) for b in boxes]), atol=2e-5)
     assert not np.allclose(capped[0], exact[0], atol=1e-3)
+    # max_adaptive_samples=0: no cap, as many samples as the largest box needs (here 6).
+    uncapped = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 0))
+    np.testing.assert_allclose(uncapped, exact, atol=2e-5)
+    big = np.array([[0.0, 0.0, 16.0, 16.0], [1.0, 2.0, 3.0, 4.0]], np.float32)     # needs 8, and 1
+    uncapped = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(big), lv, (1,), 2, 0, 0))
+    np.testing.assert_allclose(uncapped, np.stack([_ref_roi_align(feat, b, 1.0, 2, 0) for b in big]), atol=2e-5)
 
 
 # ------------------------------------------------------------------ torchvision reference outputs

@@ -3,6 +3,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from bmask_jax import config as config_lib
 from helpers import first_batch, tiny_config
@@ -81,3 +82,12 @@ def test_train_loop_writes_metrics_checkpoints_and_resumes(tmp_path):
     train_and_evaluate(c, workdir)
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [2, 4, 6]
+
+
+def test_uncapped_adaptive_roi_align_is_refused_for_training(tmp_path):
+    config = tiny_config()
+    config.model.roi_heads.sampling_ratio = 0
+    config.model.roi_heads.max_adaptive_samples = 0
+    with pytest.raises(ValueError, match="max_adaptive_samples=0"):
+        train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path)

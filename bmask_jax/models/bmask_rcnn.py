@@ -87,16 +87,23 @@ class BMaskRCNN(nn.Module):
                               if ms.enabled else None)
 
     # -- pieces -------------------------------------------------------------------------------
-    def normalize(self, images: jnp.ndarray) -> jnp.ndarray:
-        """uint8 RGB [B, H, W, 3] -> normalised float in the weights' channel order."""
+    def normalize(self, images: jnp.ndarray, image_hw: jnp.ndarray | None = None) -> jnp.ndarray:
+        """uint8 RGB [B, H, W, 3] -> normalised float in the weights' channel order. The canvas
+        beyond image_hw [B, 2] is zero after normalisation, as in detectron2's ImageList (which
+        pads the normalised images), so that converted weights see the same border."""
         x = images.astype(jnp.float32)
         if self.cfg.input_format == "BGR":
             x = x[..., ::-1]
-        return (x - jnp.asarray(self.cfg.pixel_mean)) / jnp.asarray(self.cfg.pixel_std)
+        x = (x - jnp.asarray(self.cfg.pixel_mean)) / jnp.asarray(self.cfg.pixel_std)
+        if image_hw is None:
+            return x
+        rows = jnp.arange(x.shape[1])[None, :, None] < image_hw[:, 0, None, None]
+        cols = jnp.arange(x.shape[2])[None, None, :] < image_hw[:, 1, None, None]
+        return jnp.where((rows & cols)[..., None], x, 0.0)
 
-    def pyramid(self, images: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    def pyramid(self, images: jnp.ndarray, image_hw: jnp.ndarray) -> dict[str, jnp.ndarray]:
         dtype = jnp.bfloat16 if self.cfg.compute_dtype == "bfloat16" else jnp.float32
-        return self.fpn(self.backbone(self.normalize(images).astype(dtype)))
+        return self.fpn(self.backbone(self.normalize(images, image_hw).astype(dtype)))
 
     def anchors(self, canvas_hw) -> list[jnp.ndarray]:
         a = self.cfg.anchors
@@ -232,7 +239,7 @@ class BMaskRCNN(nn.Module):
         k = cfg.num_classes
         images = batch["image"]
         b = images.shape[0]
-        pyramid = self.pyramid(images)
+        pyramid = self.pyramid(images, batch["image_hw"])
         anchors = self.anchors(images.shape[1:3])
         logits, deltas = self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
 
@@ -274,7 +281,7 @@ class BMaskRCNN(nn.Module):
         class, and box_scores (the class scores) and mask_iou [B, D] are returned too."""
         images = batch["image"]
         b = images.shape[0]
-        pyramid = self.pyramid(images)
+        pyramid = self.pyramid(images, batch["image_hw"])
         anchors = self.anchors(images.shape[1:3])
         logits, deltas = self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
         proposals, _, proposal_valid = self.proposals(anchors, logits, deltas, batch["image_hw"], False)

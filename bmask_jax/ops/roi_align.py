@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,7 +56,8 @@ def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.n
     sampling_ratio > 0: that many samples per bin side (static). 0: torchvision's adaptive
     ceil(roi_size / output_size) per side, computed per RoI up to max_adaptive_samples (exact
     for RoIs that need no more, which is every RoI no larger than that many bins' worth of
-    pixels on its level; the rest are sampled with the cap).
+    pixels on its level; the rest are sampled with the cap). max_adaptive_samples=0: no cap,
+    exactly torchvision's, in a loop whose length depends on the boxes (inference only).
     Returns [R, output_size, output_size, C] in the features' dtype.
     """
     channels = features[0].shape[-1]
@@ -90,30 +92,39 @@ def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.n
     bin_h = roi_h / output_size
 
     if sampling_ratio > 0:
-        num_samples = sampling_ratio
-        grid_h = jnp.full(boxes.shape[:1], float(sampling_ratio))
-        grid_w = grid_h
+        grid_h = grid_w = jnp.full(boxes.shape[:1], float(sampling_ratio))
     else:
-        num_samples = max_adaptive_samples
-        grid_h = jnp.clip(jnp.ceil(roi_h / output_size), 0, max_adaptive_samples)
-        grid_w = jnp.clip(jnp.ceil(roi_w / output_size), 0, max_adaptive_samples)
+        cap = max_adaptive_samples or np.inf
+        grid_h = jnp.clip(jnp.ceil(roi_h / output_size), 0, cap)
+        grid_w = jnp.clip(jnp.ceil(roi_w / output_size), 0, cap)
     count = jnp.maximum(grid_h * grid_w, 1.0)
 
-    ys = [_axis_samples(y1, bin_h, output_size, grid_h, s, height) for s in range(num_samples)]
-    xs = [_axis_samples(x1, bin_w, output_size, grid_w, s, width) for s in range(num_samples)]
+    def sample(sy, sx):
+        """The bilinear value at sub-sample (sy, sx) of every bin, zero where unused."""
+        y_lo, y_hi, wy_lo, wy_hi, y_in = _axis_samples(y1, bin_h, output_size, grid_h, sy, height)
+        x_lo, x_hi, wx_lo, wx_hi, x_in = _axis_samples(x1, bin_w, output_size, grid_w, sx, width)
+        used = (y_in & (sy < grid_h)[:, None])[:, :, None] & (x_in & (sx < grid_w)[:, None])[:, None, :]
+        index = offset[:, None, None] + y_lo[:, :, None] * row_stride[:, None, None] + x_lo[:, None, :]
+        weights = jnp.stack([wy_lo[:, :, None] * wx_lo[:, None, :], wy_lo[:, :, None] * wx_hi[:, None, :],
+                             wy_hi[:, :, None] * wx_lo[:, None, :], wy_hi[:, :, None] * wx_hi[:, None, :]],
+                            axis=-1) * used.astype(jnp.float32)[..., None]      # [R, out, out, 4]
+        values = table[index].astype(jnp.float32).reshape(*index.shape, 4, channels)
+        return jnp.einsum("rijk,rijkc->rijc", weights, values)
+
     out = jnp.zeros((boxes.shape[0], output_size, output_size, channels), jnp.float32)
-    for sy, (y_lo, y_hi, wy_lo, wy_hi, y_in) in enumerate(ys):
-        y_used = y_in & (sy < grid_h)[:, None]
-        for sx, (x_lo, x_hi, wx_lo, wx_hi, x_in) in enumerate(xs):
-            used = (y_used[:, :, None] & (x_in & (sx < grid_w)[:, None])[:, None, :])
-            used = used.astype(jnp.float32)
-            index = offset[:, None, None] + y_lo[:, :, None] * row_stride[:, None, None] \
-                + x_lo[:, None, :]                                               # [R, out, out]
-            weights = jnp.stack([wy_lo[:, :, None] * wx_lo[:, None, :], wy_lo[:, :, None] * wx_hi[:, None, :],
-                                 wy_hi[:, :, None] * wx_lo[:, None, :], wy_hi[:, :, None] * wx_hi[:, None, :]],
-                                axis=-1) * used[..., None]                       # [R, out, out, 4]
-            values = table[index].astype(jnp.float32).reshape(*index.shape, 4, channels)
-            out = out + jnp.einsum("rijk,rijkc->rijc", weights, values)
+    if sampling_ratio > 0 or max_adaptive_samples:
+        # A static number of samples per side, unrolled: differentiable, one fused program.
+        n = sampling_ratio if sampling_ratio > 0 else max_adaptive_samples
+        for sy in range(n):
+            for sx in range(n):
+                out = out + sample(sy, sx)
+    else:
+        # Uncapped adaptive sampling (detectron2's and torchvision's exact semantics): loop
+        # over as many sub-samples as the largest RoI needs. The trip count is data
+        # dependent, so this is for inference: reverse-mode differentiation is refused.
+        rows = jnp.max(grid_h).astype(jnp.int32)
+        cols = jnp.maximum(jnp.max(grid_w).astype(jnp.int32), 1)
+        out = jax.lax.fori_loop(0, rows * cols, lambda s, acc: acc + sample(s // cols, s % cols), out)
     return (out / count[:, None, None, None]).astype(features[0].dtype)
 
 
