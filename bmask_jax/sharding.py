@@ -38,3 +38,28 @@ def global_batch(local: dict, mesh: Mesh) -> dict:
     """Assemble the global batch from each process's local slice (leading axis)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def agree_on_canvas(local_images: np.ndarray) -> np.ndarray:
+    """Pad this process's images [b, H, W, 3] to the canvas every process can use this step:
+    the largest of all processes' canvases. (Processes choose canvas buckets from their own
+    images; the global batch needs one shape.) One tiny all-gather per step when multi-host."""
+    if jax.process_count() == 1:
+        return local_images
+    from jax.experimental import multihost_utils
+
+    from bmask_jax.data.pipeline import largest_canvas, pad_images
+    hws = multihost_utils.process_allgather(np.asarray(local_images.shape[1:3], np.int32))
+    canvas = largest_canvas(np.asarray(hws).reshape(-1, 2))
+    if canvas == tuple(local_images.shape[1:3]):
+        return local_images
+    return pad_images(list(local_images), canvas)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (e.g. SIGTERM reached one host first):
+    all processes must stop, save and exit at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

@@ -204,12 +204,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     try:
         for step in range(start, t.max_iter):
             local = loader.batch(step)
+            local["image"] = sharding.agree_on_canvas(local["image"])
             canvases.add(tuple(local["image"].shape[1:3]))
             batch = sharding.global_batch({k: local[k] for k in MODEL_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
             progress.update(1)
             done = step + 1
-            stop = preempt.requested        # read once: SIGTERM may arrive at any moment
+            stop = sharding.any_process(preempt.requested)   # once: SIGTERM may come at any moment
             last = done == t.max_iter or stop
             if done % t.log_every == 0 or last:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -245,7 +246,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return {}
     if t.eval_at_end and is_main:
         from bmask_jax import evaluate
-        return evaluate.evaluate(config, workdir, {"params": state.params, "frozen": state.frozen})
+        # Host copies: the replicated state spans every process's devices, and only this one
+        # evaluates.
+        return evaluate.evaluate(config, workdir, jax.device_get({"params": state.params, "frozen": state.frozen}))
     return {}
 
 

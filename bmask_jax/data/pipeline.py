@@ -34,8 +34,30 @@ def build_dataset(data_cfg, split: str):
     raise ValueError(f"data.dataset must be 'synthetic' or 'coco', got {data_cfg.dataset!r}")
 
 
+def largest_canvas(hws) -> tuple[int, int]:
+    """The canvas that holds every one of `hws` (canvas sizes): the largest, when they nest."""
+    hws = [tuple(int(v) for v in hw) for hw in hws]
+    big = max(hws, key=lambda hw: hw[0] * hw[1])
+    if any(h > big[0] or w > big[1] for h, w in hws):
+        raise ValueError(f"images of one batch need canvases {sorted(set(hws))} that do not nest; add a bucket "
+                         "that holds them all to data.canvas_buckets")
+    return big
+
+
+def pad_images(images, canvas_hw) -> np.ndarray:
+    """Stack images [H_i, W_i, 3] into [B, *canvas_hw, 3], each at the top left, zero beyond
+    (different buckets in one batch share the largest, which is also a bucket)."""
+    out = np.zeros((len(images), *canvas_hw, 3), np.uint8)
+    for i, im in enumerate(images):
+        out[i, :im.shape[0], :im.shape[1]] = im
+    return out
+
+
 def _stack(examples: list[dict]) -> dict:
-    return {k: np.stack([e[k] for e in examples]) for k in STACK_KEYS if k in examples[0]}
+    out = {k: np.stack([e[k] for e in examples]) for k in STACK_KEYS if k in examples[0] and k != "image"}
+    out["image"] = pad_images([e["image"] for e in examples],
+                              largest_canvas([e["image"].shape[:2] for e in examples]))
+    return out
 
 
 class TrainBatches:
@@ -79,20 +101,10 @@ class TrainBatches:
                                c.max_instances, c.gt_mask_size)
 
     def _make(self, step: int) -> dict:
-        examples = [self._example(step, i, idx) for i, idx in enumerate(self.indices(step))]
-        hws = {e["image"].shape for e in examples}
-        if len(hws) > 1:
-            # Different buckets in one batch: pad all to the largest, which is also a bucket.
-            big = max(hws, key=lambda s: s[0] * s[1])
-            for e in examples:
-                if e["image"].shape != big:
-                    canvas = np.zeros(big, np.uint8)
-                    h, w = e["image"].shape[:2]
-                    if h > big[0] or w > big[1]:
-                        raise ValueError(f"images of one batch need canvases {sorted(hws)} that do not "
-                                         "nest; add a bucket that holds both to data.canvas_buckets")
-                    canvas[:h, :w] = e["image"]
-                    e["image"] = canvas
+        # Augmentation is keyed by the slot in the *global* batch, so that any number of
+        # processes prepares exactly the examples a single process would.
+        first = self.process_index * self.local_batch
+        examples = [self._example(step, first + i, idx) for i, idx in enumerate(self.indices(step))]
         return _stack(examples)
 
     def batch(self, step: int, prefetch: int = 2) -> dict:
