@@ -194,6 +194,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     loader = TrainBatches(dataset, config.data, t.batch_size, config.seed, jax.process_index(),
                           jax.process_count(), config.data.num_workers)
     writer = _metric_writer(workdir) if is_main else None
+    # Which images each step trained on (this process's share): the record that a resumed
+    # run replays the same data in the same order, and where to look when a step goes wrong.
+    image_log = open(os.path.join(workdir, "image_order.jsonl"), "a", buffering=1) if is_main else None
     preempt = _Preemption()
     start = int(state.step)
     progress = _progress(start, t.max_iter, is_main)
@@ -205,6 +208,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         for step in range(start, t.max_iter):
             local = loader.batch(step)
             local["image"] = sharding.agree_on_canvas(local["image"])
+            if is_main:
+                image_log.write(json.dumps({"step": step + 1, "image_ids": local["image_id"].tolist()}) + "\n")
             canvases.add(tuple(local["image"].shape[1:3]))
             batch = sharding.global_batch({k: local[k] for k in MODEL_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
@@ -233,6 +238,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     finally:
         mgr.wait_until_finished()
         loader.close()
+        if is_main:
+            image_log.close()
         progress.close()
     if is_main:
         # One compile per canvas bucket and never again: the count proves it (a recompile on

@@ -1,5 +1,6 @@
 """Exact resume: interrupted runs (kill -9, SIGTERM) continue to the same parameters as an
 uninterrupted run, on the CPU."""
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +26,22 @@ def _cli(workdir, max_iter, checkpoint_every=2):
 def _steps(workdir):
     d = os.path.join(workdir, "checkpoints")
     return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if os.path.isdir(d) else []
+
+
+def _in_progress(workdir):
+    """Checkpoints being written: Orbax writes into a temporary directory, renamed at the end."""
+    d = os.path.join(workdir, "checkpoints")
+    return [x for x in os.listdir(d) if not x.isdigit()] if os.path.isdir(d) else []
+
+
+def _image_order(workdir):
+    """{step: image ids} from image_order.jsonl; a step replayed after a resume overwrites."""
+    order = {}
+    with open(os.path.join(workdir, "image_order.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            order[record["step"]] = record["image_ids"]
+    return order
 
 
 def _params(workdir):
@@ -62,6 +79,9 @@ def test_kill9_and_sigterm_resume_to_identical_parameters(tmp_path):
     assert max(_steps(killed)) < 8
     subprocess.run(_cli(killed, 8), cwd=REPO, env=env, check=True, capture_output=True)
     _assert_same(_params(straight), _params(killed))
+    # The same images in the same order, the replayed steps included.
+    assert sorted(_image_order(straight)) == list(range(1, 9))
+    assert _image_order(killed) == _image_order(straight)
 
     # SIGTERM: a checkpoint is written at the step where training stopped, and resuming from
     # it reaches the same parameters as a run that was never stopped.
@@ -81,3 +101,31 @@ def test_kill9_and_sigterm_resume_to_identical_parameters(tmp_path):
     subprocess.run(_cli(straight_to_end, end, checkpoint_every=100000), cwd=REPO, env=env, check=True,
                    capture_output=True)
     _assert_same(_params(straight_to_end), _params(termed))
+
+
+def test_kill9_during_an_async_save_leaves_only_checkpoints_that_restore_right(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    # Save every step and kill -9 the moment a save is in progress (its temporary directory
+    # exists); retry if the save finished first.
+    for attempt in range(5):
+        run = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen(_cli(run, 100000, checkpoint_every=1), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        start = time.time()
+        while not (_steps(run) and _in_progress(run)):
+            assert proc.poll() is None and time.time() - start < 300
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if _in_progress(run):
+            break
+    assert _in_progress(run), "never caught a save in progress"
+    latest = _steps(run)[-1]
+    # The half-written checkpoint is ignored: resuming starts from the latest complete one
+    # and ends where a run that was never killed ends.
+    end = latest + 2
+    subprocess.run(_cli(run, end, checkpoint_every=1), cwd=REPO, env=env, check=True, capture_output=True)
+    straight = tmp_path / "straight"
+    subprocess.run(_cli(straight, end, checkpoint_every=100000), cwd=REPO, env=env, check=True,
+                   capture_output=True)
+    _assert_same(_params(straight), _params(run))
