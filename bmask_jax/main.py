@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -47,5 +49,26 @@ def main(argv):
         print(f"wrote pictures and {path}")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with one-line errors: a --config.* value of the wrong type (absl's own
+    message), or an override naming a key the config does not have (ml_collections raises a
+    bare KeyError from deep inside; we name the flag and pass on its "did you mean")."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+    except (KeyError, AttributeError) as e:
+        message = e
+        while isinstance(message, BaseException):
+            message = message.args[0] if message.args else ""
+        message = str(message)
+        found = re.search(r"'(\w+)'", message)
+        missing = found.group(1) if found else message
+        hint = message.split("\n", 1)[1] if "\n" in message else ""
+        culprit = next((a for a in argv if a.startswith("--config.")
+                        and missing in a.split("=")[0].split(".")), "a --config.* override")
+        sys.exit(f"FATAL Flags parsing error: {culprit}: the config has no key {missing!r}. {hint}".rstrip())
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
