@@ -204,15 +204,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
     metrics = None
     canvases: set[tuple[int, int]] = set()
     run_start = time.time()
+
+    def to_devices(step: int) -> tuple[dict, list[int]]:
+        local = loader.batch(step)
+        local["image"] = sharding.agree_on_canvas(local["image"])
+        canvases.add(tuple(local["image"].shape[1:3]))
+        return sharding.global_batch({k: local[k] for k in MODEL_KEYS}, mesh), local["image_id"].tolist()
+
     try:
+        batch, image_ids = to_devices(start) if start < t.max_iter else (None, None)
         for step in range(start, t.max_iter):
-            local = loader.batch(step)
-            local["image"] = sharding.agree_on_canvas(local["image"])
-            if is_main:
-                image_log.write(json.dumps({"step": step + 1, "image_ids": local["image_id"].tolist()}) + "\n")
-            canvases.add(tuple(local["image"].shape[1:3]))
-            batch = sharding.global_batch({k: local[k] for k in MODEL_KEYS}, mesh)
             state, metrics = step_fn(state, batch)
+            if is_main:
+                image_log.write(json.dumps({"step": step + 1, "image_ids": image_ids}) + "\n")
+            # The step runs asynchronously: the next batch is prepared and sent to the devices
+            # meanwhile.
+            if step + 1 < t.max_iter:
+                batch, image_ids = to_devices(step + 1)
             progress.update(1)
             done = step + 1
             stop = sharding.any_process(preempt.requested)   # once: SIGTERM may come at any moment
