@@ -77,7 +77,10 @@ class TrainBatches:
         self.process_index = process_index
         self.seed = seed
         self.num_dropped = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(num_workers, 1))
+        # Steps are prepared ahead on one pool, the examples of a step decoded in parallel on
+        # another (image decoding and resizing release the GIL).
+        self._pool = concurrent.futures.ThreadPoolExecutor(2)
+        self._decoders = concurrent.futures.ThreadPoolExecutor(max(num_workers, 1))
         self._pending: dict[int, concurrent.futures.Future] = {}
 
     def indices(self, step: int) -> np.ndarray:
@@ -104,7 +107,8 @@ class TrainBatches:
         # Augmentation is keyed by the slot in the *global* batch, so that any number of
         # processes prepares exactly the examples a single process would.
         first = self.process_index * self.local_batch
-        examples = [self._example(step, first + i, idx) for i, idx in enumerate(self.indices(step))]
+        examples = list(self._decoders.map(lambda a: self._example(step, first + a[0], a[1]),
+                                           enumerate(self.indices(step))))
         return _stack(examples)
 
     def batch(self, step: int, prefetch: int = 2) -> dict:
@@ -123,6 +127,7 @@ class TrainBatches:
 
     def close(self):
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._decoders.shutdown(wait=False, cancel_futures=True)
 
 
 def eval_batches(dataset, data_cfg, batch_size: int, num_images: int = -1,
