@@ -65,12 +65,13 @@ def base() -> ml_collections.ConfigDict:
 
     # ---- data ----
     d = c.data = ml_collections.ConfigDict()
-    d.dataset = "coco"                       # "synthetic" | "coco"
+    d.dataset = "coco"                       # "synthetic" | "coco" | "cityscapes"
     d.train_split = "train"
     d.eval_split = "val"
     d.coco_images = ""                       # image folder of a COCO-format dataset
     d.coco_train_json = ""
     d.coco_eval_json = ""
+    d.cityscapes_root = ""                   # holds leftImg8bit/{split}/ and gtFine/{split}/
     d.synthetic = ml_collections.ConfigDict(dict(
         image_size=(128, 128), num_train=2000, num_val=200, max_instances=6))
     d.train_short_side = (800,)

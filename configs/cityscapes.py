@@ -4,8 +4,10 @@ Variants: `bmask` (default), `maskrcnn`, and `bmask_paper` / `maskrcnn_paper` wi
 paper's schedule (batch 4, LR 0.005, 48k iterations, x0.1 at 36k) instead of the authors'
 official config (batch 8, LR 0.01, 24k iterations, x0.1 at 18k).
 
-Training reads a COCO-format export of Cityscapes (images under leftImg8bit/, instances JSON
-per split): set data.coco_images / data.coco_train_json / data.coco_eval_json.
+Training reads the official Cityscapes folders directly (data/cityscapes.py): unzip
+leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into one folder holding leftImg8bit/
+and gtFine/, and set data.cityscapes_root to it (default datasets/cityscapes). Instances come
+from the gtFine *_instanceIds.png files; no conversion to COCO JSON is needed.
 """
 from bmask_jax import config as base_config
 
@@ -16,9 +18,8 @@ def get_config(variant: str = "bmask"):
         raise ValueError(f"configs/cityscapes.py variant must be bmask, maskrcnn, bmask_paper or "
                          f"maskrcnn_paper, got {variant!r}")
     c = base_config.coco(base_config.base(), 50)
-    c.data.update(coco_images="datasets/cityscapes/leftImg8bit",
-                  coco_train_json="datasets/cityscapes/annotations/instancesonly_filtered_gtFine_train.json",
-                  coco_eval_json="datasets/cityscapes/annotations/instancesonly_filtered_gtFine_val.json",
+    c.data.update(dataset="cityscapes", cityscapes_root="datasets/cityscapes", coco_images="",
+                  coco_train_json="", coco_eval_json="",
                   train_short_side=tuple(range(800, 1025, 32)), test_short_side=1024, max_size=2048,
                   canvas_buckets=((1024, 2048),))
     c.model.num_classes = 8
