@@ -16,6 +16,10 @@ setup(
         "numpy>=2.0",
         "pycocotools>=2.0.11",
         "pillow",
+        # COCO-format data prepared as a TFDS dataset (array_record); no TensorFlow needed.
+        # tfds uses pillow and importlib_resources without declaring them.
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources",
         "matplotlib",
         "tqdm",
         "tensorboardX",

@@ -65,12 +65,16 @@ def base() -> ml_collections.ConfigDict:
 
     # ---- data ----
     d = c.data = ml_collections.ConfigDict()
-    d.dataset = "coco"                       # "synthetic" | "coco" | "cityscapes"
+    d.dataset = "coco"                       # "synthetic" | "coco" | "cityscapes" | "tfds"
     d.train_split = "train"
     d.eval_split = "val"
     d.coco_images = ""                       # image folder of a COCO-format dataset
     d.coco_train_json = ""
     d.coco_eval_json = ""
+    # data.dataset "tfds": COCO-format data prepared once with `python -m bmask_jax.data.tfds_coco`
+    # (array_record, no TensorFlow); splits are data.train_split / data.eval_split.
+    d.tfds_name = "coco2017"                 # its --name (a config of the coco_instances builder)
+    d.tfds_data_dir = ""                     # its --data_dir ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
     d.cityscapes_root = ""                   # holds leftImg8bit/{split}/ and gtFine/{split}/
     d.synthetic = ml_collections.ConfigDict(dict(
         image_size=(128, 128), num_train=2000, num_val=200, max_instances=6))

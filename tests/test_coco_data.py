@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from bmask_jax.data.coco import CocoJsonDataset
 from bmask_jax.data.images import load_rgb
@@ -84,20 +86,43 @@ def test_bad_annotations_are_skipped_and_counted(tmp_path):
         {"id": 6, "image_id": 1, "category_id": 7, "bbox": [3, 2, 0, 6], "segmentation": poly},
         {"id": 7, "image_id": 1, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": [[1, 1, 2, 2]]},
         {"id": 8, "image_id": 1, "category_id": 42, "bbox": [3, 2, 6, 6], "segmentation": poly, "iscrowd": 1},
+        {"id": 9, "image_id": 1, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": [[40, 1, 50, 1, 50, 9]]},
+        {"id": 10, "image_id": 1, "category_id": 7, "bbox": [3, 2, 6, 6]},
+        {"id": 11, "image_id": 1, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": poly + [[1, 1, 2, 2]]},
+        {"id": 12, "image_id": 2, "category_id": 7, "bbox": [3, 2, 6, 6], "segmentation": poly, "iscrowd": 1},
     ]
-    gt = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}], "annotations": anns,
+    gt = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30},
+                     {"id": 2, "file_name": "a.png", "height": 20, "width": 30},      # crowd only
+                     {"id": 3, "file_name": "a.png", "height": 20, "width": 30}],     # no annotations
+          "annotations": anns,
           "categories": [{"id": 7, "name": "seven"}, {"id": 42, "name": "forty-two"}]}
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(gt))
     ds = CocoJsonDataset(str(path), str(tmp_path))
     assert ds.category_ids == [7, 42] and ds.class_names == ("seven", "forty-two")   # non-contiguous ids
-    assert ds.skipped == {"unknown image_id": 1, "unknown category_id": 1, "box of zero or negative size": 1}
+    # Counted once, at load time, by reason.
+    assert ds.skipped == {"unknown image_id": 1, "unknown category_id": 1, "box of zero or negative size": 1,
+                          "polygon with fewer than 3 points": 1, "polygon outside the image": 1,
+                          "missing segmentation": 1, "polygon part with fewer than 3 points (rest kept)": 1}
+    assert ds.num_without_instances == 2
     ex = ds[0]
-    assert ex["classes"].tolist() == [0, 1, 0, 1]            # polygon, RLE, uncompressed RLE, crowd
-    assert ex["iscrowd"].tolist() == [False, False, False, True]
-    for m in ex["masks"][:3]:
+    # polygon, RLE, uncompressed RLE, crowd, and the multi-polygon without its 2-point part
+    assert ex["classes"].tolist() == [0, 1, 0, 1, 0]
+    assert ex["iscrowd"].tolist() == [False, False, False, True, False]
+    for m in ex["masks"][[0, 1, 2, 4]]:
         np.testing.assert_array_equal(m, mask)
-    assert ds.skipped["polygon with fewer than 3 points"] == 1
+    for _ in range(2):                                       # reading again counts nothing more
+        ds[0], ds[1], ds[2]
+    assert sum(ds.skipped.values()) == 7
+    assert len(ds[1]["classes"]) == 1 and ds[1]["iscrowd"].all() and len(ds[2]["classes"]) == 0
+    # The ground truth holds only what is trained on, so pycocotools can evaluate it.
+    assert sorted(a["id"] for a in ds.coco_dict()["annotations"]) == [1, 2, 3, 8, 11, 12]
+    coco_gt = COCO()
+    coco_gt.dataset = ds.coco_dict()
+    coco_gt.createIndex()
+    dets = coco_gt.loadRes([{"image_id": 1, "category_id": 7, "segmentation": rle, "score": 0.9}])
+    e = COCOeval(coco_gt, dets, "segm")
+    e.evaluate(); e.accumulate()
 
 
 def _uncompressed_counts(mask):

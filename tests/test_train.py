@@ -91,3 +91,22 @@ def test_uncapped_adaptive_roi_align_is_refused_for_training(tmp_path):
     with pytest.raises(ValueError, match="max_adaptive_samples=0"):
         train_and_evaluate(config, str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_images_without_instances_train_with_finite_losses():
+    """An image with no annotations (or only crowd ones, which prepare_example leaves out)
+    has no valid GT: every anchor and RoI is background, the box and mask losses are zero."""
+    c = tiny_config()
+    model = BMaskRCNN(c.model)
+    state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
+    batch = dict(first_batch(c))
+    step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))
+    for empty in ([True, False], [True, True]):
+        b = dict(batch, gt_valid=batch["gt_valid"] & ~np.asarray(empty)[:, None])
+        new_state, metrics = step(state, b)
+        values = {k: float(v) for k, v in metrics.items()}
+        assert all(np.isfinite(v) for v in values.values()), values
+        assert int(new_state.num_skipped) == 0
+    # With no GT anywhere, the regression and mask terms have nothing to learn from.
+    assert values["loss_box_reg"] == 0.0 and values["loss_rpn_loc"] == 0.0
+    assert values["loss_mask"] == 0.0

@@ -18,6 +18,29 @@ from pycocotools import mask as mask_utils
 from bmask_jax.data.images import load_rgb
 
 
+def usable_segmentation(a: dict, height: int | None, width: int | None) -> tuple[dict, str | None, int]:
+    """(annotation, None, parts dropped) when its segmentation can be rasterised, else (a,
+    reason, 0). Polygons with fewer than 3 points are dropped from a multi-polygon and the
+    rest kept; a polygon set with none left, or no point inside the image, makes the
+    annotation unusable. Decided once, at load time, so that training and the evaluation
+    ground truth agree."""
+    seg = a.get("segmentation")
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        return a, None, 0
+    if not isinstance(seg, list) or not seg:
+        return a, "missing segmentation", 0
+    polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+    if not polys:
+        return a, "polygon with fewer than 3 points", 0
+    if height and width:
+        xs = np.concatenate([np.asarray(p[0::2], float) for p in polys])
+        ys = np.concatenate([np.asarray(p[1::2], float) for p in polys])
+        if xs.max() <= 0 or ys.max() <= 0 or xs.min() >= width or ys.min() >= height:
+            return a, "polygon outside the image", 0
+    dropped = len(seg) - len(polys)
+    return (dict(a, segmentation=polys) if dropped else a), None, dropped
+
+
 class CocoJsonDataset:
     def __init__(self, json_path: str, image_dir: str):
         if not json_path or not os.path.isfile(json_path):
@@ -44,7 +67,10 @@ class CocoJsonDataset:
         self.skipped = collections.Counter()
         anns = collections.defaultdict(list)
         kept = []
+        next_id = 1 + max((a["id"] for a in gt["annotations"] if isinstance(a.get("id"), int)), default=0)
         for a in gt["annotations"]:
+            if not isinstance(a.get("id"), int):
+                a, next_id = dict(a, id=next_id), next_id + 1
             where = f"annotation id {a.get('id')} in {json_path}"
             if a.get("image_id") not in self._position:
                 self.skipped["unknown image_id"] += 1
@@ -58,10 +84,25 @@ class CocoJsonDataset:
             if w <= 0 or h <= 0:
                 self.skipped["box of zero or negative size"] += 1
                 continue
+            info = self.images[self._position[a["image_id"]]]
+            a, problem, dropped_parts = usable_segmentation(a, info.get("height"), info.get("width"))
+            if dropped_parts:
+                self.skipped["polygon part with fewer than 3 points (rest kept)"] += dropped_parts
+            if problem:
+                self.skipped[problem] += 1
+                logging.warning("%s: %s; skipped", where, problem)
+                continue
+            # pycocotools needs these; COCO-format files written by other tools may omit them.
+            a = dict(a, iscrowd=int(bool(a.get("iscrowd", 0))), area=float(a.get("area", w * h)))
             anns[a["image_id"]].append(a)
             kept.append(a)
         self._anns = anns
         self._gt = dict(gt, annotations=kept)
+        self.num_without_instances = sum(
+            not any(not a.get("iscrowd", 0) for a in anns.get(im["id"], [])) for im in self.images)
+        if self.num_without_instances:
+            logging.warning("%s: %d of %d images have no (non-crowd) instances; they are kept, as "
+                            "background-only images", json_path, self.num_without_instances, len(self.images))
         if self.skipped:
             logging.warning("%s: skipped %d annotations: %s", json_path, sum(self.skipped.values()),
                             dict(self.skipped))
@@ -75,21 +116,20 @@ class CocoJsonDataset:
     def coco_dict(self) -> dict:
         return self._gt
 
-    def _mask(self, a: dict, h: int, w: int) -> np.ndarray | None:
-        seg = a.get("segmentation")
+    def annotations_of(self, i: int) -> list[dict]:
+        """The usable annotations of image i (unknown image/category and empty boxes left out)."""
+        return self._anns.get(self.images[i]["id"], [])
+
+    def _mask(self, a: dict, h: int, w: int) -> np.ndarray:
+        return mask_utils.decode(self.rle(a, h, w)).astype(np.uint8)
+
+    def rle(self, a: dict, h: int, w: int) -> dict:
+        """The mask of a kept annotation on an h x w image as a COCO RLE (polygons and
+        uncompressed RLE converted)."""
+        seg = a["segmentation"]
         if isinstance(seg, list):
-            polys = [p for p in seg if len(p) >= 6]
-            if len(polys) < len(seg):
-                self.skipped["polygon with fewer than 3 points"] += len(seg) - len(polys)
-            if not polys:
-                return None
-            rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
-        elif isinstance(seg, dict) and "counts" in seg:
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
-        else:
-            self.skipped["missing segmentation"] += 1
-            return None
-        return mask_utils.decode(rle).astype(np.uint8)
+            return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        return mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
 
     def __getitem__(self, i: int) -> dict:
         info = self.images[i]

@@ -31,10 +31,13 @@ def build_dataset(data_cfg, split: str):
         from bmask_jax.data.coco import CocoJsonDataset
         json_path = data_cfg.coco_train_json if split == "train" else data_cfg.coco_eval_json
         return CocoJsonDataset(json_path, data_cfg.coco_images)
+    if data_cfg.dataset == "tfds":
+        from bmask_jax.data.tfds_coco import TfdsCocoDataset
+        return TfdsCocoDataset(data_cfg.tfds_data_dir, data_cfg.tfds_name, split)
     if data_cfg.dataset == "cityscapes":
         from bmask_jax.data.cityscapes import CityscapesInstances
         return CityscapesInstances(data_cfg.cityscapes_root, split)
-    raise ValueError(f"data.dataset must be 'synthetic', 'coco' or 'cityscapes', got {data_cfg.dataset!r}")
+    raise ValueError(f"data.dataset must be 'synthetic', 'coco' or 'cityscapes' (or 'tfds'), got {data_cfg.dataset!r}")
 
 
 def largest_canvas(hws) -> tuple[int, int]:
