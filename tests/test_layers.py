@@ -1,0 +1,47 @@
+"""The conv's fast weight gradient equals XLA's (the forward is XLA's own)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bmask_jax.models import layers
+
+
+@pytest.mark.parametrize("shape,kernel,padding,stride", [
+    ((2, 96, 100, 256), (3, 3), ((1, 1), (1, 1)), 1),      # above TAPS_MIN_ROWS: the taps path
+    ((1, 130, 130, 256), (3, 3), ((2, 0), (1, 3)), 1),     # asymmetric padding
+    ((4, 20, 20, 256), (3, 3), ((1, 1), (1, 1)), 1),       # too small: XLA's path
+    ((2, 96, 100, 8), (3, 3), ((1, 1), (1, 1)), 1),        # too few channels: XLA's path
+    ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 1),         # 1x1: a matmul
+    ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 2),         # 1x1 stride 2 (odd sizes)
+    ((2, 9, 11, 16), (3, 3), ((1, 1), (1, 1)), 2),         # strided 3x3: XLA's path
+])
+def test_same_values_and_gradients_as_xla(shape, kernel, padding, stride):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(*kernel, shape[-1], 5)), jnp.float32) / np.sqrt(shape[-1])
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, x, w):
+        y = conv(x, w, (stride, stride), padding,
+                 dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, dn))
+        return jnp.sum(jnp.sin(y)), y
+
+    jaxpr = str(jax.make_jaxpr(lambda x, w: loss(layers.conv_general_dilated, x, w))(x, w))
+    taps = "custom_vjp" in jaxpr
+    assert taps == (shape[-1] == 256 and shape[0] != 4)
+    assert ("conv_general_dilated" not in jaxpr) == (kernel == (1, 1))
+    grad = lambda conv: jax.jit(jax.grad(lambda x, w: loss(conv, x, w), argnums=(0, 1), has_aux=True))  # noqa: E731
+    (dx, dw), y = grad(layers.conv_general_dilated)(x, w)
+    (dx_ref, dw_ref), y_ref = grad(jax.lax.conv_general_dilated)(x, w)
+    for a, b in ((y, y_ref), (dx, dx_ref), (dw, dw_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_conv_layer_uses_the_taps_gradient_on_large_maps():
+    conv = layers.Conv(8)
+    for shape, expected in (((2, 100, 100, 256), True), ((2, 20, 20, 256), False)):
+        x = jnp.zeros(shape)
+        v = conv.init(jax.random.PRNGKey(0), x)
+        jaxpr = str(jax.make_jaxpr(lambda p: conv.apply(p, x))(v))     # before grad resolves it
+        assert ("custom_vjp" in jaxpr) == expected
