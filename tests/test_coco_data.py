@@ -146,3 +146,16 @@ def test_missing_or_malformed_annotation_files_are_named(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(ValueError, match="images"):
         CocoJsonDataset(str(tmp_path / "other.json"), str(tmp_path))
+
+
+def test_rle_of_the_wrong_size_is_named(tmp_path):
+    _write(tmp_path / "a.png", np.zeros((20, 30, 3), np.uint8))
+    rle = mask_utils.encode(np.ones((10, 10), np.uint8, order="F"))
+    rle["counts"] = rle["counts"].decode()
+    gt = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}],
+          "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "segmentation": rle}],
+          "categories": [{"id": 1, "name": "one"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(gt))
+    ds = CocoJsonDataset(str(tmp_path / "ann.json"), str(tmp_path))
+    with pytest.raises(ValueError, match="annotation id 5 .*ann.json: RLE of size \\[10, 10\\]"):
+        ds[0]

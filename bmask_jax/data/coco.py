@@ -129,6 +129,9 @@ class CocoJsonDataset:
         seg = a["segmentation"]
         if isinstance(seg, list):
             return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+        if [int(v) for v in seg["size"]] != [h, w]:
+            raise ValueError(f"annotation id {a.get('id')} in {self.json_path}: RLE of size {seg['size']} on "
+                             f"image id {a.get('image_id')}, which is {h}x{w}")
         return mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
 
     def __getitem__(self, i: int) -> dict:

@@ -22,10 +22,8 @@ Stored per image:
   objects     one entry per annotation CocoJsonDataset keeps: id, bbox (COCO x, y, w, h in
               pixels, float64 as in the JSON), category_id, iscrowd, area, mask (COCO RLE counts,
               compressed, on the height x width image; polygons and uncompressed RLE are
-              converted with pycocotools; '' when the annotation has no usable mask: it is then
-              in coco_dict() but not trained on, as with CocoJsonDataset) and extra (its other
-              fields as JSON text; also the original segmentation when the mask does not
-              represent it exactly).
+              converted with pycocotools; CocoJsonDataset keeps only annotations with a usable
+              mask) and extra (its other fields as JSON text).
 Dataset metadata (metadata.json), per split: the categories, the JSON's other top-level
 fields (info, licenses), the image ids in order, the skip counts and the source paths.
 """
@@ -113,14 +111,12 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, image_dir: str, json_path: str):
         ds = CocoJsonDataset(json_path, image_dir)     # validates the JSON, skips and counts
         gt = ds.coco_dict()
-        # Missing annotation ids get what coco_eval._prepare_gt would give them.
-        position = {id(a): k for k, a in enumerate(gt["annotations"])}
         workers = min(8, os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for start in range(0, len(ds), _CHUNK):
                 chunk = range(start, min(start + _CHUNK, len(ds)))
                 for i, (data, h, w) in zip(chunk, pool.map(lambda i: _read_image(ds, i), chunk)):
-                    yield i, _example(ds, i, data, h, w, position)
+                    yield i, _example(ds, i, data, h, w)
         self.info.metadata["splits"][split] = {
             "categories": gt["categories"],
             "top_level": {k: v for k, v in gt.items() if k not in ("images", "annotations", "categories")},
@@ -155,18 +151,15 @@ def _json_or_empty(d: dict) -> str:
     return json.dumps(d, separators=(",", ":")) if d else ""
 
 
-def _example(ds: CocoJsonDataset, i: int, data: bytes, h: int, w: int, position: dict) -> dict:
+def _example(ds: CocoJsonDataset, i: int, data: bytes, h: int, w: int) -> dict:
     info = ds.images[i]
     objects = collections.defaultdict(list)
     for a in ds.annotations_of(i):
         rle = ds.rle(a, h, w)          # every kept annotation has a usable mask (coco.py)
         extra = {k: v for k, v in a.items() if k not in _ANN_KEYS}
-        if [int(v) for v in rle["size"]] != [h, w]:
-            raise ValueError(f"annotation id {a.get('id')} in {ds.json_path}: RLE of size {rle['size']} on "
-                             f"image id {info['id']}, which is {h}x{w}")
         counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
         bw, bh = a["bbox"][2:]
-        objects["id"].append(a.get("id", position[id(a)] + 1))
+        objects["id"].append(a["id"])           # CocoJsonDataset numbers annotations without one
         objects["bbox"].append(np.asarray(a["bbox"], np.float64))
         objects["category_id"].append(a["category_id"])
         objects["iscrowd"].append(bool(a.get("iscrowd", 0)))
