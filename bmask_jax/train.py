@@ -254,7 +254,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # every new shape would show here, and is what static shapes are for).
         summary = {"start_step": start, "end_step": int(state.step), "seconds": time.time() - run_start,
                    "canvases": sorted(canvases), "train_step_compiles": compile_count(step_fn),
-                   "instances_beyond_max": loader.num_dropped, "skipped_nonfinite": int(state.num_skipped)}
+                   "instances_beyond_max": loader.num_dropped, "skipped_nonfinite": int(state.num_skipped),
+                   # What the training set left out, by reason (bad annotations, degenerate masks).
+                   "skipped_annotations": dict(getattr(dataset, "skipped", {}))}
+        if summary["skipped_annotations"]:
+            logging.warning("training data: skipped %d annotations: %s",
+                            sum(summary["skipped_annotations"].values()), summary["skipped_annotations"])
         with open(os.path.join(workdir, "train_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     if int(state.step) < t.max_iter:   # stopped early by SIGTERM

@@ -19,6 +19,9 @@ from helpers import tiny_config
 def test_coco_json_dataset_trains_and_evaluates_from_files(tmp_path):
     train_json = SyntheticShapes("train", num_images=8, image_size=(64, 64), max_instances=3).export_coco(str(tmp_path / "train"))
     val_json = SyntheticShapes("val", num_images=4, image_size=(64, 64), max_instances=3).export_coco(str(tmp_path / "val"))
+    train_gt = json.load(open(train_json))           # one unusable annotation, to be counted
+    train_gt["annotations"].append(dict(train_gt["annotations"][0], id=10**6, category_id=999))
+    json.dump(train_gt, open(train_json, "w"))
     ds = CocoJsonDataset(train_json, str(tmp_path / "train" / "images"))
     ref = SyntheticShapes("train", num_images=8, image_size=(64, 64), max_instances=3)
     np.testing.assert_array_equal(ds[3]["image"], ref[3]["image"])
@@ -38,6 +41,8 @@ def test_coco_json_dataset_trains_and_evaluates_from_files(tmp_path):
     json.dump(gt, open(val_json, "w"))
     metrics = train_and_evaluate(c, str(tmp_path / "run"))
     assert metrics["num_images"] == 4 and "AP" in metrics["segm"]
+    summary = json.load(open(tmp_path / "run" / "train_summary.json"))
+    assert summary["skipped_annotations"] == {"unknown category_id": 1}
 
 
 def _write(path, array, **kw):
