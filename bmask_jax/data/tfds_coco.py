@@ -158,12 +158,11 @@ def _example(ds: CocoJsonDataset, i: int, data: bytes, h: int, w: int) -> dict:
         rle = ds.rle(a, h, w)          # every kept annotation has a usable mask (coco.py)
         extra = {k: v for k, v in a.items() if k not in _ANN_KEYS}
         counts = rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]
-        bw, bh = a["bbox"][2:]
         objects["id"].append(a["id"])           # CocoJsonDataset numbers annotations without one
         objects["bbox"].append(np.asarray(a["bbox"], np.float64))
         objects["category_id"].append(a["category_id"])
-        objects["iscrowd"].append(bool(a.get("iscrowd", 0)))
-        objects["area"].append(float(a.get("area", bw * bh)))
+        objects["iscrowd"].append(bool(a["iscrowd"]))     # CocoJsonDataset fills iscrowd and area in
+        objects["area"].append(a["area"])
         objects["mask"].append(counts)
         objects["extra"].append(_json_or_empty(extra))
     if not objects:
