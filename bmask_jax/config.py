@@ -46,6 +46,9 @@ def base() -> ml_collections.ConfigDict:
         train_on_pred_boxes=True, score_threshold=0.05, nms_threshold=0.5,
         detections_per_image=100, topk_candidates=1000,
         num_mask_rois=128, class_agnostic_bbox_reg=False,
+        # The mask head runs on the smallest of these per-image slot counts (or num_mask_rois)
+        # that holds the step's foreground; () always runs all num_mask_rois slots.
+        foreground_buckets=(32, 64),
         # Cascade R-CNN box stages (Cascade BMask R-CNN in the authors' model zoo).
         cascade=ml_collections.ConfigDict(dict(
             enabled=False, iou_thresholds=(0.5, 0.6, 0.7),

@@ -45,6 +45,12 @@ def pool(pyramid: dict, names, strides, boxes: jnp.ndarray, resolution: int, sam
     return jax.vmap(one)([pyramid[n] for n in names], boxes)
 
 
+def foreground_slot_sizes(buckets, num_slots: int) -> list[int]:
+    """The mask head's static batch sizes per image: the configured buckets below num_slots,
+    then num_slots itself, ascending."""
+    return sorted({int(n) for n in buckets if 0 < n < num_slots} | {num_slots})
+
+
 class BMaskRCNN(nn.Module):
     cfg: Any  # the `model` ConfigDict
 
@@ -263,16 +269,39 @@ class BMaskRCNN(nn.Module):
             pred = box_ops.decode(select_class_deltas(box_deltas, flat["classes"], k),
                                   flat["boxes"], cfg.roi_heads.bbox_reg_weights)
             mask_boxes = jax.lax.stop_gradient(pred.reshape(b, s, 4)[:, :f])
-        mask_logits, boundary_logits, mask_iou = self.mask_branch(pyramid, mask_boxes, fg["classes"].reshape(-1))
-        gt_index = fg["gt_index"]
-        gt_masks = jnp.take_along_axis(batch["gt_masks"], gt_index[:, :, None, None], axis=1)
-        targets = mask_targets(mask_boxes.reshape(b * f, 4),
-                               jnp.take_along_axis(batch["gt_boxes"], gt_index[..., None], axis=1).reshape(b * f, 4),
-                               gt_masks.reshape(b * f, *gt_masks.shape[2:]).astype(jnp.float32) / 255.0,
-                               mask_logits.shape[1], cfg.roi_heads.sampling_ratio)
-        out.update(mask_losses(mask_logits, boundary_logits, fg["classes"].reshape(-1), targets,
-                               fg["is_fg"].reshape(-1).astype(jnp.float32), cfg, mask_iou))
+        operands = (pyramid, mask_boxes, fg["classes"], fg["gt_index"], fg["is_fg"],
+                    batch["gt_boxes"], batch["gt_masks"])
+        sizes = foreground_slot_sizes(cfg.roi_heads.foreground_buckets, f)
+        if len(sizes) == 1:
+            out.update(self.mask_branch_losses(*operands))
+        else:
+            # detectron2 runs the mask head on this step's foreground only; static shapes allow a
+            # few sizes, so run it on the smallest that holds every image's foreground. The
+            # slots left out are background (weight 0): the losses and gradients are unchanged.
+            need = jnp.max(jnp.sum(fg["is_fg"].astype(jnp.int32), axis=1))
+            self.sow("intermediates", "most_foreground_per_image", need)
+            index = jnp.searchsorted(jnp.asarray(sizes), need)
+            branches = [lambda mdl, *ops, n=n: mdl.mask_branch_losses(*ops, num_slots=n) for n in sizes]
+            out.update(nn.switch(index, branches, self, *operands))
         return out
+
+    def mask_branch_losses(self, pyramid, mask_boxes, classes, gt_index, is_fg, gt_boxes, gt_masks,
+                           num_slots: int | None = None):
+        """Mask (and boundary, MaskIoU) losses of the mask RoIs [B, F]: boxes, GT classes,
+        matched GT indices and foreground flags, of which the first num_slots (all if None) are
+        used; gt_boxes [B, G, 4], gt_masks [B, G, M, M]."""
+        if num_slots is not None:
+            mask_boxes, classes, gt_index, is_fg = (x[:, :num_slots] for x in (mask_boxes, classes, gt_index, is_fg))
+        b, f = classes.shape
+        self.sow("intermediates", "mask_slots", jnp.int32(f))   # which size ran, for tests
+        mask_logits, boundary_logits, mask_iou = self.mask_branch(pyramid, mask_boxes, classes.reshape(-1))
+        masks = jnp.take_along_axis(gt_masks, gt_index[:, :, None, None], axis=1)
+        targets = mask_targets(mask_boxes.reshape(b * f, 4),
+                               jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1).reshape(b * f, 4),
+                               masks.reshape(b * f, *masks.shape[2:]).astype(jnp.float32) / 255.0,
+                               mask_logits.shape[1], self.cfg.roi_heads.sampling_ratio)
+        return mask_losses(mask_logits, boundary_logits, classes.reshape(-1), targets,
+                           is_fg.reshape(-1).astype(jnp.float32), self.cfg, mask_iou)
 
     def detect(self, batch: dict) -> dict[str, jnp.ndarray]:
         """Inference. Returns boxes [B, D, 4] (canvas pixels), scores [B, D], classes [B, D],
