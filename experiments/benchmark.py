@@ -1,16 +1,30 @@
-"""Speed of a config on this machine: compile time, train step, images/s, inference latency
+"""Speed of configs on this machine: compile time, train step, images/s, inference latency
 (mask pasting included), peak host memory, and XLA's FLOPs set against the matmul peak
 measured in the same run. Optionally times torchvision's maskrcnn_resnet50_fpn on the same
 inputs and thread count when torchvision is importable.
 
-    python experiments/benchmark.py --config configs/mask_rcnn.py:r50_fpn_1x --batch 2 \
-        --repeats 5 --torchvision --out bench.json
+    python experiments/benchmark.py --config configs/mask_rcnn.py:r50_fpn_1x \
+        --config configs/bmask_rcnn.py:r50_fpn_1x --batch 2 --repeats 5 --torchvision --out bench.json
 
+Several --config flags are measured one after another in the same process, and each is set
+against the first (e.g. BMask R-CNN over Mask R-CNN); torchvision is set against the first.
 Numbers are medians over --repeats runs after one warm-up run.
+
+Both models get random weights in the pretrained layout (frozen BatchNorm, stem and res2
+frozen, as detectron2's R50-FPN config and torchvision with a pretrained backbone), with every
+frozen BatchNorm set to normalise what it sees on the benchmark image, as pretrained statistics
+would: with identity statistics a random ResNet-50's activations grow into the thousands and
+its class scores saturate, which is not the regime a real model runs in.
+
+Inference runs with a score threshold of --score_threshold (0 by default) on both sides, so
+that both return detections_per_image (100) detections even with random weights, which
+otherwise give scores under detectron2's 0.05 and no detections at all: the mask head and
+mask pasting would then not run on one side. The detection counts are reported.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -18,6 +32,7 @@ import statistics
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bmask_jax.evaluate import postprocess  # noqa: E402
 from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
+from bmask_jax.models.layers import FrozenBatchNorm  # noqa: E402
 from bmask_jax.train import MODEL_KEYS, create_train_state, dummy_batch, train_step  # noqa: E402
 
 
@@ -75,10 +91,36 @@ def synthetic_batch(config, batch: int, num_gt: int = 12, seed: int = 0) -> dict
     return b
 
 
+def calibrate_frozen_norms(model, variables: dict, images, image_hw) -> dict:
+    """'frozen' with each FrozenBatchNorm's scale and shift set so that it normalises its
+    input on these images to zero mean and unit variance per channel, layer after layer in
+    one forward pass (each layer sees the already calibrated layers before it)."""
+    frozen = jax.tree_util.tree_map(np.asarray, variables["frozen"])
+
+    def interceptor(next_fun, args, kwargs, context):
+        if not (isinstance(context.module, FrozenBatchNorm) and context.method_name == "__call__"):
+            return next_fun(*args, **kwargs)
+        x = args[0].astype(jnp.float32)
+        mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+        scale = 1.0 / jnp.sqrt(var + 1e-5)
+        node = frozen
+        for name in context.module.path:
+            node = node[name]
+        node["scale"], node["shift"] = np.asarray(scale), np.asarray(-mean * scale)
+        return ((x - mean) * scale).astype(args[0].dtype)
+
+    with nn.intercept_methods(interceptor):
+        model.apply({**variables, "frozen": frozen}, images, image_hw, method=lambda m, im, hw: m.pyramid(im, hw))
+    return jax.tree_util.tree_map(jnp.asarray, frozen)
+
+
 def bench_ours(config, batch: int, repeats: int) -> dict:
+    """Times our train step, inference and backbone for one config."""
     model = BMaskRCNN(config.model)
     state, tx = create_train_state(config, model, jax.random.PRNGKey(0))
     data = {k: jnp.asarray(v) for k, v in synthetic_batch(config, batch).items() if k in MODEL_KEYS}
+    state = state.replace(frozen=calibrate_frozen_norms(
+        model, {"params": state.params, "frozen": state.frozen}, data["image"][:1], data["image_hw"][:1]))
     step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False))
     t = time.perf_counter()
     compiled_step = step.lower(state, data).compile()
@@ -99,9 +141,12 @@ def bench_ours(config, batch: int, repeats: int) -> dict:
     compile_infer = time.perf_counter() - t
     scale, orig_hw = np.ones(2, np.float32), np.asarray(one["image_hw"][0])
 
+    counts = []
+
     def run_infer():
         det = jax.device_get(compiled_detect(variables, one))
-        postprocess(det, 0, scale, orig_hw, 0.5)     # paste masks at full size, as evaluation does
+        inst = postprocess(det, 0, scale, orig_hw, 0.5)  # paste masks at full size, as evaluation does
+        counts.append(len(inst["masks"]))
 
     infer_times = timed(run_infer, repeats)
 
@@ -121,19 +166,37 @@ def bench_ours(config, batch: int, repeats: int) -> dict:
         "backbone_forward_gflops": flops_of(compiled_backbone) / 1e9,
         "backbone_gflops_per_s": flops_of(compiled_backbone) / 1e9 / backbone_s,
         "train_times_s": train_times, "inference_times_s": infer_times,
+        "inference_detections": counts[-1],
     }
 
 
 def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
     import torch
-    import torchvision
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.misc import FrozenBatchNorm2d
     torch.set_num_threads(threads)
+    torch.manual_seed(0)
     h, w = config.data.canvas_buckets[0]
-    model = torchvision.models.detection.maskrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=config.model.num_classes + 1,
-        min_size=min(h, w), max_size=max(h, w))
+    # maskrcnn_resnet50_fpn's own construction for a pretrained backbone: frozen BatchNorm,
+    # layer2-4 trainable (detectron2's freeze_at=2); with no weights at all it would switch to
+    # trainable BatchNorm everywhere, a different (costlier) model from ours.
+    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
+    model = MaskRCNN(backbone, num_classes=config.model.num_classes + 1, min_size=min(h, w), max_size=max(h, w))
     data = synthetic_batch(config, batch)
     images = [torch.from_numpy(data["image"][i]).permute(2, 0, 1).float() / 255 for i in range(batch)]
+
+    def calibrate(module, inputs):   # as calibrate_frozen_norms does for ours
+        module.running_mean.copy_(inputs[0].mean((0, 2, 3)))
+        module.running_var.copy_(inputs[0].var((0, 2, 3), unbiased=False))
+
+    hooks = [m.register_forward_pre_hook(calibrate) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    model.eval()
+    with torch.no_grad():
+        model(images[:1])
+    for hook in hooks:
+        hook.remove()
     targets = []
     for i in range(batch):
         valid = data["gt_valid"][i]
@@ -155,56 +218,85 @@ def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
     train_times = timed(run_step, repeats)
     model.eval()
     model.roi_heads.detections_per_img = config.model.roi_heads.detections_per_image
+    model.roi_heads.score_thresh = config.model.roi_heads.score_threshold
+    counts = []
 
     def run_infer():
         with torch.no_grad():
-            model(images[:1])
+            counts.append(len(model(images[:1])[0]["masks"]))
 
     infer_times = timed(run_infer, repeats)
     return {"train_step_s": statistics.median(train_times), "train_images_per_s": batch / statistics.median(train_times),
             "inference_latency_s": statistics.median(infer_times), "train_times_s": train_times,
-            "inference_times_s": infer_times, "torch_threads": threads}
+            "inference_times_s": infer_times, "inference_detections": counts[-1], "torch_threads": threads}
+
+
+def ratios(ours: dict, base: dict) -> dict:
+    return {"train_step": ours["train_step_s"] / base["train_step_s"],
+            "inference": ours["inference_latency_s"] / base["inference_latency_s"]}
+
+
+def print_run(spec: str, o: dict):
+    print(f"{spec}")
+    print(f"  compile: train {o['compile_train_s']:.1f} s, inference {o['compile_inference_s']:.1f} s")
+    print(f"  train step {o['train_step_s']:.3f} s ({o['train_images_per_s']:.2f} img/s, "
+          f"{o['train_step_gflops']:.0f} GFLOP)")
+    print(f"  inference {o['inference_latency_s']:.3f} s/img, {o['inference_detections']} detections "
+          f"({o['inference_gflops']:.0f} GFLOP)")
+    print(f"  backbone forward {o['backbone_forward_s']:.3f} s, {o['backbone_gflops_per_s']:.0f} GFLOP/s = "
+          f"{100 * o['backbone_fraction_of_matmul_peak']:.0f}% of matmul peak")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/mask_rcnn.py:r50_fpn_1x")
+    p.add_argument("--config", action="append",
+                   help="CONFIG[:VARIANT]; repeat to measure several side by side "
+                        "(default configs/mask_rcnn.py:r50_fpn_1x)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--score_threshold", type=float, default=0.0,
+                   help="inference score threshold on both sides (see above)")
     p.add_argument("--torchvision", action="store_true", help="also time torchvision's Mask R-CNN")
     p.add_argument("--out", default="")
     args = p.parse_args()
-    config = load_config(args.config)
+    specs = args.config or ["configs/mask_rcnn.py:r50_fpn_1x"]
+    configs = [load_config(spec) for spec in specs]
+    for config in configs:
+        config.model.roi_heads.score_threshold = args.score_threshold
     threads = os.cpu_count() or 1
-    result = {"config": args.config, "batch": args.batch, "canvas": list(config.data.canvas_buckets[0]),
+    result = {"configs": specs, "batch": args.batch, "canvas": list(configs[0].data.canvas_buckets[0]),
               "devices": [str(d) for d in jax.devices()], "threads": threads,
-              "matmul_peak_gflops_per_s": matmul_peak_gflops()}
-    result["ours"] = bench_ours(config, args.batch, args.repeats)
-    result["ours"]["backbone_fraction_of_matmul_peak"] = (
-        result["ours"]["backbone_gflops_per_s"] / result["matmul_peak_gflops_per_s"])
+              "score_threshold": args.score_threshold,
+              "matmul_peak_gflops_per_s": matmul_peak_gflops(), "runs": {}}
+    for spec, config in zip(specs, configs):
+        run = bench_ours(config, args.batch, args.repeats)
+        run["backbone_fraction_of_matmul_peak"] = run["backbone_gflops_per_s"] / result["matmul_peak_gflops_per_s"]
+        run["peak_host_memory_gb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+        result["runs"][spec] = run
+        gc.collect()
+    first = result["runs"][specs[0]]
+    if len(specs) > 1:
+        result["ratios_over_first"] = {spec: ratios(result["runs"][spec], first) for spec in specs[1:]}
     if args.torchvision:
         try:
-            result["torchvision"] = bench_torchvision(config, args.batch, args.repeats, threads)
-            tv, ours = result["torchvision"], result["ours"]
-            result["ratios_ours_over_torchvision"] = {
-                "train_step": ours["train_step_s"] / tv["train_step_s"],
-                "inference": ours["inference_latency_s"] / tv["inference_latency_s"]}
+            result["torchvision"] = bench_torchvision(configs[0], args.batch, args.repeats, threads)
+            result["ratios_first_over_torchvision"] = ratios(first, result["torchvision"])
         except ImportError as e:
             result["torchvision"] = {"error": f"torchvision not importable: {e}"}
     result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    o = result["ours"]
-    print(f"{args.config}  batch {args.batch}  canvas {result['canvas']}  matmul peak "
-          f"{result['matmul_peak_gflops_per_s']:.0f} GFLOP/s")
-    print(f"  compile: train {o['compile_train_s']:.1f} s, inference {o['compile_inference_s']:.1f} s")
-    print(f"  train step {o['train_step_s']:.3f} s ({o['train_images_per_s']:.2f} img/s, "
-          f"{o['train_step_gflops']:.0f} GFLOP)")
-    print(f"  inference {o['inference_latency_s']:.3f} s/img ({o['inference_gflops']:.0f} GFLOP)")
-    print(f"  backbone forward {o['backbone_forward_s']:.3f} s, {o['backbone_gflops_per_s']:.0f} GFLOP/s = "
-          f"{100 * o['backbone_fraction_of_matmul_peak']:.0f}% of matmul peak")
-    if "ratios_ours_over_torchvision" in result:
-        r = result["ratios_ours_over_torchvision"]
-        print(f"  ours / torchvision: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
-    print(f"  peak host memory {result['peak_host_memory_gb']:.1f} GB")
+    print(f"batch {args.batch}  canvas {result['canvas']}  matmul peak "
+          f"{result['matmul_peak_gflops_per_s']:.0f} GFLOP/s  score threshold {args.score_threshold}")
+    for spec in specs:
+        print_run(spec, result["runs"][spec])
+    for spec, r in result.get("ratios_over_first", {}).items():
+        print(f"{spec} / {specs[0]}: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
+    tv = result.get("torchvision", {})
+    if "ratios_first_over_torchvision" in result:
+        r = result["ratios_first_over_torchvision"]
+        print(f"torchvision: train step {tv['train_step_s']:.3f} s, inference {tv['inference_latency_s']:.3f} s/img, "
+              f"{tv['inference_detections']} detections")
+        print(f"{specs[0]} / torchvision: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
+    print(f"peak host memory {result['peak_host_memory_gb']:.1f} GB")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
