@@ -24,6 +24,7 @@ mask pasting would then not run on one side. The detection counts are reported.
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -133,6 +134,15 @@ def bench_ours(config, batch: int, repeats: int) -> dict:
 
     train_times = timed(run_step, repeats)
 
+    # How many mask-head slots per image the train step ran (the foreground bucket) and the
+    # foreground it had to hold, from one forward pass on the same batch.
+    _, inter = jax.jit(lambda s, b: model.apply(
+        {"params": s.params, "frozen": s.frozen}, b, rngs={"sampling": jax.random.PRNGKey(0)},
+        mutable=["intermediates"]))(holder["state"], data)
+    inter = inter["intermediates"]
+    mask_slots = int(inter["mask_slots"][0])
+    most_foreground = int(inter["most_foreground_per_image"][0]) if "most_foreground_per_image" in inter else None
+
     variables = {"params": holder["state"].params, "frozen": holder["state"].frozen}
     one = {"image": data["image"][:1], "image_hw": data["image_hw"][:1]}
     detect = jax.jit(lambda v, b: model.apply(v, b, train=False))
@@ -167,6 +177,7 @@ def bench_ours(config, batch: int, repeats: int) -> dict:
         "backbone_gflops_per_s": flops_of(compiled_backbone) / 1e9 / backbone_s,
         "train_times_s": train_times, "inference_times_s": infer_times,
         "inference_detections": counts[-1],
+        "train_mask_slots_per_image": mask_slots, "train_most_foreground_per_image": most_foreground,
     }
 
 
@@ -216,6 +227,15 @@ def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
         opt.step()
 
     train_times = timed(run_step, repeats)
+
+    # How many mask-head slots per image the train step ran (the foreground bucket) and the
+    # foreground it had to hold, from one forward pass on the same batch.
+    _, inter = jax.jit(lambda s, b: model.apply(
+        {"params": s.params, "frozen": s.frozen}, b, rngs={"sampling": jax.random.PRNGKey(0)},
+        mutable=["intermediates"]))(holder["state"], data)
+    inter = inter["intermediates"]
+    mask_slots = int(inter["mask_slots"][0])
+    most_foreground = int(inter["most_foreground_per_image"][0]) if "most_foreground_per_image" in inter else None
     model.eval()
     model.roi_heads.detections_per_img = config.model.roi_heads.detections_per_image
     model.roi_heads.score_thresh = config.model.roi_heads.score_threshold
@@ -240,7 +260,8 @@ def print_run(spec: str, o: dict):
     print(f"{spec}")
     print(f"  compile: train {o['compile_train_s']:.1f} s, inference {o['compile_inference_s']:.1f} s")
     print(f"  train step {o['train_step_s']:.3f} s ({o['train_images_per_s']:.2f} img/s, "
-          f"{o['train_step_gflops']:.0f} GFLOP)")
+          f"{o['train_step_gflops']:.0f} GFLOP; mask head on {o['train_mask_slots_per_image']} slots per image, "
+          f"foreground up to {o['train_most_foreground_per_image']})")
     print(f"  inference {o['inference_latency_s']:.3f} s/img, {o['inference_detections']} detections "
           f"({o['inference_gflops']:.0f} GFLOP)")
     print(f"  backbone forward {o['backbone_forward_s']:.3f} s, {o['backbone_gflops_per_s']:.0f} GFLOP/s = "
@@ -256,6 +277,8 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--score_threshold", type=float, default=0.0,
                    help="inference score threshold on both sides (see above)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every config, e.g. model.roi_heads.foreground_buckets=()")
     p.add_argument("--torchvision", action="store_true", help="also time torchvision's Mask R-CNN")
     p.add_argument("--out", default="")
     args = p.parse_args()
@@ -263,8 +286,15 @@ def main():
     configs = [load_config(spec) for spec in specs]
     for config in configs:
         config.model.roi_heads.score_threshold = args.score_threshold
+        for item in args.set:
+            key, _, value = item.partition("=")
+            node = config
+            *parents, leaf = key.split(".")
+            for name in parents:
+                node = node[name]
+            node[leaf] = ast.literal_eval(value)
     threads = os.cpu_count() or 1
-    result = {"configs": specs, "batch": args.batch, "canvas": list(configs[0].data.canvas_buckets[0]),
+    result = {"configs": specs, "overrides": args.set, "batch": args.batch, "canvas": list(configs[0].data.canvas_buckets[0]),
               "devices": [str(d) for d in jax.devices()], "threads": threads,
               "score_threshold": args.score_threshold,
               "matmul_peak_gflops_per_s": matmul_peak_gflops(), "runs": {}}

@@ -19,6 +19,7 @@ from bmask_jax.models.box_head import (BoxHead, BoxPredictor, box_inference, box
                                        select_class_deltas)
 from bmask_jax.models.fpn import FPN
 from bmask_jax.models.hrnet import HRNet
+from bmask_jax.models.layers import gradients_for_conditionals
 from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, MaskRCNNHead, SobelMaskHead,
                                          mask_losses, mask_targets, select_class)
 from bmask_jax.models.resnet import ResNet
@@ -282,7 +283,8 @@ class BMaskRCNN(nn.Module):
             self.sow("intermediates", "most_foreground_per_image", need)
             index = jnp.searchsorted(jnp.asarray(sizes), need)
             branches = [lambda mdl, *ops, n=n: mdl.mask_branch_losses(*ops, num_slots=n) for n in sizes]
-            out.update(nn.switch(index, branches, self, *operands))
+            with gradients_for_conditionals():
+                out.update(nn.switch(index, branches, self, *operands))
         return out
 
     def mask_branch_losses(self, pyramid, mask_boxes, classes, gt_index, is_fg, gt_boxes, gt_masks,

@@ -2,6 +2,8 @@
 explicit padding, FrozenBN, GroupNorm, and the 2x2 stride-2 transposed conv."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -21,20 +23,57 @@ def normal(std: float):
 # Below this many output pixels (N * H * W) XLA's own 3x3 weight gradient is as fast.
 TAPS_MIN_ROWS = 16384
 
+# Set while tracing the branches of a lax.cond/switch (see gradients_for_conditionals).
+_IN_CONDITIONAL = contextvars.ContextVar("bmask_jax_conv_in_conditional", default=False)
 
-def _weight_grad_by_taps(x, dy, kernel_hw, padding):
-    """dL/dW of a stride-1 NHWC/HWIO conv as one matmul per kernel tap:
-    dW[i, j] = x_padded[:, i:i+H, j:j+W, :]^T @ dy, summed over all pixels. Same FLOPs as
-    XLA's, but large-K matmuls where XLA:CPU runs a convolution 4x slower than the forward
+
+@contextlib.contextmanager
+def gradients_for_conditionals():
+    """Convs created in this context take their gradients as matmuls and a plain forward conv.
+    Inside the branches of a lax.cond/switch, XLA:CPU emits convolution gradients as naive
+    loops: measured on a 3x3 256-channel conv at 32x14x14, the weight gradient ran 200x and
+    the input gradient 5x slower than outside, while matmuls and forward convs ran as fast."""
+    token = _IN_CONDITIONAL.set(True)
+    try:
+        yield
+    finally:
+        _IN_CONDITIONAL.reset(token)
+
+
+def _weight_grad_by_taps(x, dy, kernel_hw, strides, padding):
+    """dL/dW of an NHWC/HWIO conv as one matmul per kernel tap: dW[i, j] = the input pixels
+    tap (i, j) reads, transposed, @ dy, summed over all output pixels. Same FLOPs as XLA's,
+    but large-K matmuls where XLA:CPU runs a convolution 4x slower than the forward
     (measured on the FPN's P2 and the mask head's 3x3 convs)."""
     (top, bottom), (left, right) = padding
     xp = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    n, h, w, _ = dy.shape
+    _, h, w, _ = dy.shape
+    sh, sw = strides
     dy2 = dy.reshape(-1, dy.shape[-1])
-    taps = [[jnp.dot(xp[:, i:i + h, j:j + w, :].reshape(-1, x.shape[-1]).T, dy2,
-                     preferred_element_type=jnp.float32) for j in range(kernel_hw[1])]
+    taps = [[jnp.dot(xp[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (w - 1) + 1:sw, :].reshape(-1, x.shape[-1]).T,
+                     dy2, preferred_element_type=jnp.float32) for j in range(kernel_hw[1])]
             for i in range(kernel_hw[0])]
     return jnp.stack([jnp.stack(row) for row in taps])
+
+
+def _input_grad_by_forward_conv(x_hw, dy, w, strides, padding):
+    """dL/dx of an NHWC/HWIO conv as a plain stride-1 forward conv: dy dilated by the
+    stride and padded by k - 1, correlated with the spatially flipped, in/out-swapped kernel,
+    then cropped to x. (XLA's own input gradient, a conv with lhs dilation, is what runs
+    slowly inside conditionals.)"""
+    (top, bottom), (left, right) = padding
+    kh, kw = w.shape[:2]
+    oh, ow = dy.shape[1:3]
+    sh, sw = strides
+    # The padded input's rows past the last window get no gradient: pad those too.
+    extra_h = x_hw[0] + top + bottom - ((oh - 1) * sh + kh)
+    extra_w = x_hw[1] + left + right - ((ow - 1) * sw + kw)
+    dilated = jax.lax.pad(dy, jnp.zeros((), dy.dtype), ((0, 0, 0), (kh - 1, kh - 1 + extra_h, sh - 1),
+                                                        (kw - 1, kw - 1 + extra_w, sw - 1), (0, 0, 0)))
+    flipped = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    dx = jax.lax.conv_general_dilated(dilated, flipped, (1, 1), ((0, 0), (0, 0)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return dx[:, top:top + x_hw[0], left:left + x_hw[1]]
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -46,7 +85,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     ~200 for a matmul):
     - 1x1 convs (stride s: subsample, then) are one matmul, and so are their gradients;
     - the weight gradient of stride-1 k x k convs with >= 256 input channels on large maps
-      is one matmul per tap (_weight_grad_by_taps); forward and input gradient stay XLA's.
+      is one matmul per tap (_weight_grad_by_taps); forward and input gradient stay XLA's;
+    - under gradients_for_conditionals, every k x k conv's weight gradient is one matmul per
+      tap and its input gradient a plain forward conv.
     Anything else is lax.conv_general_dilated as is."""
     def plain(x, w):
         return jax.lax.conv_general_dilated(x, w, window_strides, padding, lhs_dilation, rhs_dilation,
@@ -66,8 +107,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         y = jnp.dot(x.reshape(-1, x.shape[-1]), rhs[0, 0], precision=precision,
                     preferred_element_type=preferred_element_type)
         return y.reshape(*x.shape[:3], rhs.shape[-1])
-    if not (strides == (1, 1) and lhs.shape[-1] >= 256
-            and lhs.shape[0] * lhs.shape[1] * lhs.shape[2] >= TAPS_MIN_ROWS):
+    in_conditional = _IN_CONDITIONAL.get()
+    if not (in_conditional or (strides == (1, 1) and lhs.shape[-1] >= 256
+                               and lhs.shape[0] * lhs.shape[1] * lhs.shape[2] >= TAPS_MIN_ROWS)):
         return plain(lhs, rhs)
 
     @jax.custom_vjp
@@ -79,8 +121,11 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
     def backward(residuals, dy):
         x, w = residuals
-        dx, = jax.vjp(lambda x_: plain(x_, w), x)[1](dy)
-        return dx, _weight_grad_by_taps(x, dy, w.shape[:2], padding).astype(w.dtype)
+        if in_conditional:
+            dx = _input_grad_by_forward_conv(x.shape[1:3], dy, w, strides, padding).astype(x.dtype)
+        else:
+            dx, = jax.vjp(lambda x_: plain(x_, w), x)[1](dy)
+        return dx, _weight_grad_by_taps(x, dy, w.shape[:2], strides, padding).astype(w.dtype)
 
     conv.defvjp(forward, backward)
     return conv(lhs, rhs)
