@@ -227,15 +227,6 @@ def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
         opt.step()
 
     train_times = timed(run_step, repeats)
-
-    # How many mask-head slots per image the train step ran (the foreground bucket) and the
-    # foreground it had to hold, from one forward pass on the same batch.
-    _, inter = jax.jit(lambda s, b: model.apply(
-        {"params": s.params, "frozen": s.frozen}, b, rngs={"sampling": jax.random.PRNGKey(0)},
-        mutable=["intermediates"]))(holder["state"], data)
-    inter = inter["intermediates"]
-    mask_slots = int(inter["mask_slots"][0])
-    most_foreground = int(inter["most_foreground_per_image"][0]) if "most_foreground_per_image" in inter else None
     model.eval()
     model.roi_heads.detections_per_img = config.model.roi_heads.detections_per_image
     model.roi_heads.score_thresh = config.model.roi_heads.score_threshold
@@ -279,7 +270,7 @@ def main():
                    help="inference score threshold on both sides (see above)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every config, e.g. model.roi_heads.foreground_buckets=()")
-    p.add_argument("--torchvision", action="store_true", help="also time torchvision's Mask R-CNN")
+    p.add_argument("--torchvision", action="store_true", help="also time torchvision's R50-FPN Mask R-CNN (a like-for-like comparison for the first config if it is R50-FPN)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     specs = args.config or ["configs/mask_rcnn.py:r50_fpn_1x"]
@@ -298,38 +289,40 @@ def main():
               "devices": [str(d) for d in jax.devices()], "threads": threads,
               "score_threshold": args.score_threshold,
               "matmul_peak_gflops_per_s": matmul_peak_gflops(), "runs": {}}
+    print(f"batch {args.batch}  canvas {result['canvas']}  matmul peak "
+          f"{result['matmul_peak_gflops_per_s']:.0f} GFLOP/s  score threshold {args.score_threshold}", flush=True)
+
+    def save():   # after every stage, so that a later failure loses nothing measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+
     for spec, config in zip(specs, configs):
         run = bench_ours(config, args.batch, args.repeats)
         run["backbone_fraction_of_matmul_peak"] = run["backbone_gflops_per_s"] / result["matmul_peak_gflops_per_s"]
         run["peak_host_memory_gb_so_far"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         result["runs"][spec] = run
+        print_run(spec, run)
+        save()
         gc.collect()
     first = result["runs"][specs[0]]
     if len(specs) > 1:
         result["ratios_over_first"] = {spec: ratios(result["runs"][spec], first) for spec in specs[1:]}
+        for spec, r in result["ratios_over_first"].items():
+            print(f"{spec} / {specs[0]}: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
     if args.torchvision:
         try:
-            result["torchvision"] = bench_torchvision(configs[0], args.batch, args.repeats, threads)
-            result["ratios_first_over_torchvision"] = ratios(first, result["torchvision"])
+            tv = result["torchvision"] = bench_torchvision(configs[0], args.batch, args.repeats, threads)
+            r = result["ratios_first_over_torchvision"] = ratios(first, tv)
+            print(f"torchvision: train step {tv['train_step_s']:.3f} s, inference {tv['inference_latency_s']:.3f} s/img, "
+                  f"{tv['inference_detections']} detections")
+            print(f"{specs[0]} / torchvision: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
         except ImportError as e:
             result["torchvision"] = {"error": f"torchvision not importable: {e}"}
+            print(result["torchvision"]["error"])
     result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(f"batch {args.batch}  canvas {result['canvas']}  matmul peak "
-          f"{result['matmul_peak_gflops_per_s']:.0f} GFLOP/s  score threshold {args.score_threshold}")
-    for spec in specs:
-        print_run(spec, result["runs"][spec])
-    for spec, r in result.get("ratios_over_first", {}).items():
-        print(f"{spec} / {specs[0]}: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
-    tv = result.get("torchvision", {})
-    if "ratios_first_over_torchvision" in result:
-        r = result["ratios_first_over_torchvision"]
-        print(f"torchvision: train step {tv['train_step_s']:.3f} s, inference {tv['inference_latency_s']:.3f} s/img, "
-              f"{tv['inference_detections']} detections")
-        print(f"{specs[0]} / torchvision: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
     print(f"peak host memory {result['peak_host_memory_gb']:.1f} GB")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":
