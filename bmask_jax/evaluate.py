@@ -23,9 +23,10 @@ def make_detector(config):
     return jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
 
 
-def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float) -> dict:
+def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float, boundaries: bool = True) -> dict:
     """Detections of image i of a batch in original-image pixels, masks pasted at full size.
-    Returns boxes [N, 4], scores, classes, masks [N, H, W] bool, boundaries or None."""
+    Returns boxes [N, 4], scores, classes, masks [N, H, W] bool, and the predicted boundaries
+    pasted the same way if the model gives them and `boundaries` asks for them (else None)."""
     valid = det["valid"][i]
     sy, sx = float(scale[0]), float(scale[1])
     boxes = det["boxes"][i][valid] / np.array([sx, sy, sx, sy], np.float32)
@@ -35,7 +36,7 @@ def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float) -> dic
            "boundaries": None, "box_scores": None}
     if "box_scores" in det:
         out["box_scores"] = det["box_scores"][i][valid]
-    if "boundary_probs" in det:
+    if boundaries and "boundary_probs" in det:
         out["boundaries"] = paste_masks(det["boundary_probs"][i][valid], boxes, hw, 0.5)
     return out
 
@@ -64,10 +65,11 @@ def evaluate(config, workdir: str, variables: dict) -> dict:
     for batch in eval_batches(dataset, config.data, config.eval.batch_size, config.eval.num_images):
         det = jax.device_get(detect(variables, {k: batch[k] for k in DETECT_KEYS}))
         for i in np.nonzero(batch["is_real"])[0]:
-            inst = postprocess(det, i, batch["scale"][i], batch["orig_hw"][i], config.eval.mask_threshold)
+            pictured = len(pictures) < config.eval.num_pictures    # only pictures show boundaries
+            inst = postprocess(det, i, batch["scale"][i], batch["orig_hw"][i], config.eval.mask_threshold, pictured)
             image_id = int(batch["image_id"][i])
             results.extend(to_coco_results(image_id, inst, category_ids))
-            if len(pictures) < config.eval.num_pictures:
+            if pictured:
                 pictures.append(image_id)
                 image = dataset[dataset_index(dataset, image_id)]["image"]
                 drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
