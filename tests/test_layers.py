@@ -14,7 +14,8 @@ from bmask_jax.models import layers
     ((2, 96, 100, 8), (3, 3), ((1, 1), (1, 1)), 1),        # too few channels: XLA's path
     ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 1),         # 1x1: a matmul
     ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 2),         # 1x1 stride 2 (odd sizes)
-    ((2, 9, 11, 16), (3, 3), ((1, 1), (1, 1)), 2),         # strided 3x3: XLA's path
+    ((2, 9, 11, 16), (3, 3), ((1, 1), (1, 1)), 2),         # strided 3x3, few channels: XLA's path
+    ((2, 96, 101, 256), (3, 3), ((1, 1), (1, 1)), 2),      # strided 3x3 on a large map: the taps path
 ])
 def test_same_values_and_gradients_as_xla(shape, kernel, padding, stride):
     jaxpr = _compare_with_xla(shape, kernel, padding, stride)
