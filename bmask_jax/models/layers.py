@@ -20,7 +20,7 @@ def normal(std: float):
     return jax.nn.initializers.normal(std)
 
 
-# Below this many output pixels (N * H * W) XLA's own 3x3 weight gradient is as fast.
+# Below this many input pixels (N * H * W) XLA's own 3x3 weight gradient is as fast.
 TAPS_MIN_ROWS = 16384
 
 # Set while tracing the branches of a lax.cond/switch (see gradients_for_conditionals).
