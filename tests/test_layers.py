@@ -7,19 +7,22 @@ import pytest
 from bmask_jax.models import layers
 
 
-@pytest.mark.parametrize("shape,kernel,padding,stride", [
-    ((2, 96, 100, 256), (3, 3), ((1, 1), (1, 1)), 1),      # above TAPS_MIN_ROWS: the taps path
-    ((1, 130, 130, 256), (3, 3), ((2, 0), (1, 3)), 1),     # asymmetric padding
-    ((4, 20, 20, 256), (3, 3), ((1, 1), (1, 1)), 1),       # too small: XLA's path
-    ((2, 96, 100, 8), (3, 3), ((1, 1), (1, 1)), 1),        # too few channels: XLA's path
-    ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 1),         # 1x1: a matmul
-    ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 2),         # 1x1 stride 2 (odd sizes)
-    ((2, 9, 11, 16), (3, 3), ((1, 1), (1, 1)), 2),         # strided 3x3, few channels: XLA's path
-    ((2, 96, 101, 256), (3, 3), ((1, 1), (1, 1)), 2),      # strided 3x3 on a large map: the taps path
+@pytest.mark.parametrize("shape,kernel,padding,stride,own_gradient", [
+    ((2, 96, 100, 256), (3, 3), ((1, 1), (1, 1)), 1, True),    # above TAPS_MIN_ROWS: taps dW
+    ((1, 130, 130, 256), (3, 3), ((2, 0), (1, 3)), 1, True),   # asymmetric padding
+    ((4, 20, 20, 256), (3, 3), ((1, 1), (1, 1)), 1, False),    # too small: XLA's gradients
+    ((2, 96, 100, 8), (3, 3), ((1, 1), (1, 1)), 1, False),     # too few channels: XLA's
+    ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 1, False),      # 1x1: a matmul
+    ((2, 9, 11, 16), (1, 1), ((0, 0), (0, 0)), 2, False),      # 1x1 stride 2 (odd sizes)
+    ((2, 9, 11, 16), (3, 3), ((1, 1), (1, 1)), 2, True),       # strided 3x3: dx by phases
+    ((2, 10, 13, 16), (3, 3), ((2, 0), (1, 3)), 2, True),      # ... asymmetric padding
+    ((2, 11, 12, 4), (5, 5), ((2, 2), (2, 2)), 3, True),       # ... stride 3, 5x5
+    ((2, 11, 12, 4), (2, 2), ((0, 0), (0, 0)), 3, True),       # ... stride > kernel: rows unread
+    ((2, 96, 101, 256), (3, 3), ((1, 1), (1, 1)), 2, True),    # strided 3x3, large map: taps too
 ])
-def test_same_values_and_gradients_as_xla(shape, kernel, padding, stride):
+def test_same_values_and_gradients_as_xla(shape, kernel, padding, stride, own_gradient):
     jaxpr = _compare_with_xla(shape, kernel, padding, stride)
-    assert ("custom_vjp" in jaxpr) == (shape[-1] == 256 and shape[0] != 4)
+    assert ("custom_vjp" in jaxpr) == own_gradient
     assert ("conv_general_dilated" not in jaxpr) == (kernel == (1, 1))
 
 
