@@ -184,9 +184,13 @@ class Deconv2x(nn.Module):
         init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "normal", in_axis=-2, out_axis=-1)
         kernel = self.param("kernel", init, (2, 2, c_in, self.features), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        y = jnp.einsum("nhwc,abco->nhawbo", x.astype(self.dtype), kernel.astype(self.dtype))
-        n, h, _, w, _, o = y.shape
-        return y.reshape(n, 2 * h, 2 * w, o) + bias.astype(self.dtype)
+        # One [N*H*W, C] x [C, 4*O] matmul, then the interleave: as an einsum straight into
+        # the interleaved layout XLA:CPU ran fwd+bwd 1.2x slower (256 RoIs at 14x14).
+        n, h, w, _ = x.shape
+        y = jnp.dot(x.reshape(-1, c_in).astype(self.dtype),
+                    kernel.transpose(2, 0, 1, 3).reshape(c_in, 4 * self.features).astype(self.dtype))
+        y = y.reshape(n, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
+        return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
 
 
 class FrozenBatchNorm(nn.Module):
