@@ -2,9 +2,9 @@
 
 The pyramid levels are flattened into one [sum(H_l * W_l), C] table so every bilinear corner
 of every sample of every RoI, whatever its level, is one row gather: no per-level loop, no
-dynamic shapes. Bilinear
-interpolation follows torchvision's roi_align kernel exactly (aligned=True: half-pixel offset;
-samples further than one pixel outside the map count as zero; edges are clamped).
+dynamic shapes. Bilinear interpolation follows torchvision's roi_align kernel exactly
+(aligned=True: half-pixel offset; samples further than one pixel outside the map count as
+zero; edges are clamped).
 """
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def _axis_samples(start, bin_size, output_size, grid, sample, size):
 @jax.custom_vjp
 def weighted_gather(table: jnp.ndarray, indices: jnp.ndarray, weights: jnp.ndarray) -> jnp.ndarray:
     """sum_k weights[k, ...] * table[indices[k, ...]] in float32: table [N, C], indices and
-    weights [K, ...] -> [..., C]. Indices must be in range (they are not checked).
+    weights [K, ...] -> [..., C]. Indices are meant to be in range; one that is not (a NaN
+    box) reads a clamped row and its gradient is dropped, never written out of bounds.
 
     Differentiable in `table` only, like torchvision's roi_align (no gradient reaches the box
     coordinates). Its own rule because autodiff of K gathers builds K zero tables of the whole
@@ -72,7 +73,7 @@ def _weighted_gather_bwd(residual, cotangent):
     like, indices, weights = residual
     grad = jnp.zeros((like.shape[0], cotangent.shape[-1]), jnp.float32)
     for k in range(indices.shape[0]):
-        grad = grad.at[indices[k]].add(weights[k][..., None] * cotangent, mode="promise_in_bounds")
+        grad = grad.at[indices[k]].add(weights[k][..., None] * cotangent, mode="drop")
     return grad.astype(like.dtype), None, None
 
 
@@ -131,7 +132,7 @@ def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.n
         y_lo, y_hi, wy_lo, wy_hi, y_in = _axis_samples(y1, bin_h, output_size, grid_h, sy, height)
         x_lo, x_hi, wx_lo, wx_hi, x_in = _axis_samples(x1, bin_w, output_size, grid_w, sx, width)
         used = (y_in & (sy < grid_h)[:, None])[:, :, None] & (x_in & (sx < grid_w)[:, None])[:, None, :]
-        # Corner indices are in range by construction: _axis_samples clamps to the map.
+        # Corner indices are in range: _axis_samples clamps to the map (NaN boxes aside).
         rows = offset[:, None, None] + jnp.stack([y_lo, y_lo, y_hi, y_hi])[:, :, :, None] * row_stride[:, None, None]
         index = rows + jnp.stack([x_lo, x_hi, x_lo, x_hi])[:, :, None, :]                 # [4, R, out, out]
         weights = (jnp.stack([wy_lo, wy_lo, wy_hi, wy_hi])[:, :, :, None]
