@@ -79,6 +79,17 @@ def flops_of(compiled) -> float:
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
+def memory_of(compiled) -> dict:
+    """XLA's compiled memory analysis of one program, in bytes per device: arguments, outputs,
+    temporaries, the part of the outputs aliased to (donated) arguments, and the peak."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
+    out["peak"] = int(getattr(m, "peak_memory_in_bytes", 0)) or out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
 def synthetic_batch(config, batch: int, num_gt: int = 12, seed: int = 0) -> dict:
     b = dummy_batch(config, batch)
     rng = np.random.default_rng(seed)
