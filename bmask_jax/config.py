@@ -15,6 +15,9 @@ def base() -> ml_collections.ConfigDict:
     m = c.model = ml_collections.ConfigDict()
     m.num_classes = 80
     m.compute_dtype = "float32"              # or "bfloat16": bf16 compute, f32 params and losses
+    # Conv kernels: "auto" takes the XLA:CPU routes (models/cpu_kernels.py) when compiling for
+    # the CPU and XLA's own convolutions (cuDNN, TPU) everywhere else; "xla" or "cpu" forces one.
+    m.kernels = "auto"
     m.input_format = "BGR"                   # detectron2/MSRA weights; torchvision weights: RGB
     m.pixel_mean = (103.530, 116.280, 123.675)
     m.pixel_std = (1.0, 1.0, 1.0)

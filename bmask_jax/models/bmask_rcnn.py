@@ -19,7 +19,7 @@ from bmask_jax.models.box_head import (BoxHead, BoxPredictor, box_inference, box
                                        select_class_deltas)
 from bmask_jax.models.fpn import FPN
 from bmask_jax.models.hrnet import HRNet
-from bmask_jax.models.layers import gradients_for_conditionals
+from bmask_jax.models.cpu_kernels import gradients_for_conditionals, use_kernels
 from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, MaskRCNNHead, SobelMaskHead,
                                          mask_losses, mask_targets, select_class)
 from bmask_jax.models.resnet import ResNet
@@ -236,7 +236,8 @@ class BMaskRCNN(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def __call__(self, batch: dict, train: bool = True):
-        return self.losses(batch) if train else self.detect(batch)
+        with use_kernels(self.cfg.get("kernels", "auto")):
+            return self.losses(batch) if train else self.detect(batch)
 
     def losses(self, batch: dict) -> dict[str, jnp.ndarray]:
         """Training losses. batch: image [B, H, W, 3] uint8, image_hw [B, 2], gt_boxes [B, G, 4],
