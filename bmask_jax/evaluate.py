@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 
+from bmask_jax import sharding
 from bmask_jax.coco_eval import coco_evaluate, plot_ap_vs_iou
 from bmask_jax.data.pipeline import build_dataset, eval_batches
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -17,10 +18,23 @@ from bmask_jax.visualize import draw_instances, save_image
 DETECT_KEYS = ("image", "image_hw")
 
 
-def make_detector(config):
-    """A jitted function (variables, batch) -> detections on the canvas."""
+def make_detector(config, mesh=None):
+    """A jitted function (variables, batch) -> detections on the canvas. Over a `mesh`, the
+    batch and the detections are sharded along 'data' and the variables replicated: every
+    device detects on its own images."""
     model = BMaskRCNN(config.model)
-    return jax.jit(lambda variables, batch: model.apply(variables, batch, train=False))
+    fn = lambda variables, batch: model.apply(variables, batch, train=False)  # noqa: E731
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.batch_sharding(mesh))
+
+
+def global_eval_batch(batch_size: int, mesh) -> int:
+    """eval.batch_size rounded up to a multiple of the device count, so that every device of
+    every process gets the same number of images."""
+    n = mesh.devices.size
+    return -(-batch_size // n) * n
 
 
 def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float, boundaries: bool = True) -> dict:
@@ -53,19 +67,36 @@ def to_coco_results(image_id: int, inst: dict, category_ids) -> list[dict]:
     return out
 
 
-def evaluate(config, workdir: str, variables: dict) -> dict:
+def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
     """Run the model over data.eval_split, write detections.json, metrics.json, the AP-vs-IoU
-    plot and pictures of the first eval.num_pictures images into workdir; return the metrics."""
+    plot and pictures of the first eval.num_pictures images into workdir; return the metrics.
+
+    Data parallel over `mesh` (default: every device of every process): each process prepares
+    its share of each global batch, each device detects on its own images, each process pastes
+    and encodes its own detections, and process 0 gathers them, scores them and writes the
+    files (the other processes return {}). Pictures are of process 0's images."""
+    mesh = mesh or sharding.make_mesh()
+    is_main = jax.process_index() == 0
     dataset = build_dataset(config.data, config.data.eval_split)
     category_ids = getattr(dataset, "category_ids", [k + 1 for k in range(dataset.num_classes)])
-    detect = make_detector(config)
+    gt = dataset.coco_dict()
+    if config.eval.num_images >= 0:
+        keep = {im["id"] for im in gt["images"][:config.eval.num_images]}
+        gt = dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
+                  annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
+    sizes = image_sizes(dataset, gt["images"])
+    detect = make_detector(config, mesh)
+    variables = sharding.put_replicated(variables, mesh)
     results, pictures = [], []
     pic_dir = os.path.join(workdir, "pictures")
     os.makedirs(pic_dir, exist_ok=True)
-    for batch in eval_batches(dataset, config.data, config.eval.batch_size, config.eval.num_images):
-        det = jax.device_get(detect(variables, {k: batch[k] for k in DETECT_KEYS}))
+    batches = eval_batches(dataset, config.data, global_eval_batch(config.eval.batch_size, mesh),
+                           config.eval.num_images, jax.process_index(), jax.process_count(), sizes)
+    for batch in batches:
+        det = sharding.local_rows(detect(variables, sharding.global_batch(
+            {k: batch[k] for k in DETECT_KEYS}, mesh)), mesh)
         for i in np.nonzero(batch["is_real"])[0]:
-            pictured = len(pictures) < config.eval.num_pictures    # only pictures show boundaries
+            pictured = is_main and len(pictures) < config.eval.num_pictures  # only pictures show boundaries
             inst = postprocess(det, i, batch["scale"][i], batch["orig_hw"][i], config.eval.mask_threshold, pictured)
             image_id = int(batch["image_id"][i])
             results.extend(to_coco_results(image_id, inst, category_ids))
@@ -75,11 +106,12 @@ def evaluate(config, workdir: str, variables: dict) -> dict:
                 drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
                                        dataset.class_names, inst["boundaries"], config.predict.score_threshold)
                 save_image(os.path.join(pic_dir, f"{image_id:06d}.png"), drawn)
-    gt = dataset.coco_dict()
-    if config.eval.num_images >= 0:
-        keep = {im["id"] for im in gt["images"][:config.eval.num_images]}
-        gt = dict(gt, images=[im for im in gt["images"] if im["id"] in keep],
-                  annotations=[a for a in gt["annotations"] if a["image_id"] in keep])
+    results = sharding.gather_to_main(results)
+    if not is_main:
+        return {}
+    # Detections in image order, whatever the batching and device count.
+    order = {im["id"]: k for k, im in enumerate(gt["images"])}
+    results.sort(key=lambda r: order[r["image_id"]])
     metrics = {"bbox": coco_evaluate(gt, results, "bbox"), "segm": coco_evaluate(gt, results, "segm"),
                "num_images": len(gt["images"]), "num_detections": len(results)}
     with open(os.path.join(workdir, "detections.json"), "w") as f:
@@ -93,6 +125,20 @@ def evaluate(config, workdir: str, variables: dict) -> dict:
     logging.info("\n%s", summary)
     print(summary, flush=True)
     return metrics
+
+
+def image_sizes(dataset, images: list[dict]) -> list[tuple[int, int]] | None:
+    """(height, width) of the dataset's images in dataset order, from the ground truth's image
+    records, or None if some record lacks them (the images are then read to find out)."""
+    sizes: list = [None] * len(images)
+    for im in images:
+        if not (im.get("height") and im.get("width")):
+            return None
+        i = dataset_index(dataset, im["id"])
+        if i >= len(sizes):
+            return None
+        sizes[i] = (int(im["height"]), int(im["width"]))
+    return None if any(s is None for s in sizes) else sizes
 
 
 def dataset_index(dataset, image_id: int) -> int:

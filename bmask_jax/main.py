@@ -46,7 +46,8 @@ def main(argv):
         class_names = build_dataset(config.data, config.data.eval_split).class_names
         out_dir = config.predict.output_dir or os.path.join(FLAGS.workdir, "predictions")
         path = predict(config, restore_variables(config, FLAGS.workdir), class_names, out_dir)
-        print(f"wrote pictures and {path}")
+        if path:
+            print(f"wrote pictures and {path}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

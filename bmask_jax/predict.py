@@ -6,9 +6,11 @@ import os
 
 import jax
 import numpy as np
+
+from bmask_jax import sharding
 from bmask_jax.data.images import load_rgb
-from bmask_jax.data.transforms import prepare_example
-from bmask_jax.evaluate import DETECT_KEYS, make_detector, postprocess, to_coco_results
+from bmask_jax.data.pipeline import eval_batches
+from bmask_jax.evaluate import DETECT_KEYS, global_eval_batch, make_detector, postprocess, to_coco_results
 from bmask_jax.visualize import draw_instances, save_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -30,26 +32,51 @@ def list_images(inputs: str) -> list[str]:
     return paths
 
 
-def predict(config, variables: dict, class_names, output_dir: str) -> str:
-    """Run on config.predict.inputs; write <name>.png per image and predictions.json."""
+class ImageFiles:
+    """Image files as a dataset for eval_batches: example i is {"image", "image_id": i + 1}."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": load_rgb(self.paths[i]), "image_id": i + 1}
+
+
+def predict(config, variables: dict, class_names, output_dir: str, mesh=None) -> str | None:
+    """Run on config.predict.inputs; write <name>.png per image and predictions.json.
+
+    Data parallel like evaluation: batches of different images (eval.batch_size, rounded up to
+    the device count) over every device of every process; each process draws its own images
+    and process 0 writes predictions.json (and returns its path; the others return None)."""
+    mesh = mesh or sharding.make_mesh()
     os.makedirs(output_dir, exist_ok=True)
-    detect = make_detector(config)
-    c = config.data
+    detect = make_detector(config, mesh)
+    variables = sharding.put_replicated(variables, mesh)
+    files = ImageFiles(list_images(config.predict.inputs))
     results = []
-    for image_id, path in enumerate(list_images(config.predict.inputs), start=1):
-        image = load_rgb(path)
-        ex = prepare_example({"image": image, "image_id": image_id}, c.test_short_side, c.max_size,
-                             c.canvas_buckets, False, c.max_instances, c.gt_mask_size, with_gt=False)
-        batch = {k: np.repeat(ex[k][None], config.eval.batch_size, axis=0) for k in DETECT_KEYS}
-        det = jax.device_get(detect(variables, batch))
-        inst = postprocess(det, 0, ex["scale"], ex["orig_hw"], config.eval.mask_threshold)
-        keep = inst["scores"] >= config.predict.score_threshold
-        inst = {k: (v[keep] if v is not None else None) for k, v in inst.items()}
-        for r in to_coco_results(image_id, inst, list(range(1, len(class_names) + 1))):
-            results.append(dict(r, file_name=os.path.basename(path)))
-        drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
-                               class_names, inst["boundaries"])
-        save_image(os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".png"), drawn)
+    batches = eval_batches(files, config.data, global_eval_batch(config.eval.batch_size, mesh), -1,
+                           jax.process_index(), jax.process_count())
+    for batch in batches:
+        det = sharding.local_rows(detect(variables, sharding.global_batch(
+            {k: batch[k] for k in DETECT_KEYS}, mesh)), mesh)
+        for i in np.nonzero(batch["is_real"])[0]:
+            image_id = int(batch["image_id"][i])
+            path = files.paths[image_id - 1]
+            inst = postprocess(det, i, batch["scale"][i], batch["orig_hw"][i], config.eval.mask_threshold)
+            keep = inst["scores"] >= config.predict.score_threshold
+            inst = {k: (v[keep] if v is not None else None) for k, v in inst.items()}
+            for r in to_coco_results(image_id, inst, list(range(1, len(class_names) + 1))):
+                results.append(dict(r, file_name=os.path.basename(path)))
+            drawn = draw_instances(load_rgb(path), inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
+                                   class_names, inst["boundaries"])
+            save_image(os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".png"), drawn)
+    results = sharding.gather_to_main(results)
+    if results is None:
+        return None
+    results.sort(key=lambda r: r["image_id"])
     out = os.path.join(output_dir, "predictions.json")
     with open(out, "w") as f:
         json.dump(results, f)

@@ -22,8 +22,9 @@ def initialize_distributed(coordinator: str = "", num_processes: int = 0, proces
         jax.distributed.initialize()
 
 
-def make_mesh() -> Mesh:
-    return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh, axis 'data', over `devices` (default: every device of every process)."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -63,3 +64,47 @@ def any_process(flag: bool) -> bool:
         return flag
     from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def put_replicated(tree, mesh: Mesh):
+    """`tree` replicated over `mesh`: arrays already so stay as they are, host values (the
+    same on every process) are sent."""
+    target = replicated(mesh)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(target, x.ndim):
+            return x
+        return jax.device_put(np.asarray(x), target)
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def local_rows(tree, mesh: Mesh):
+    """This process's rows of arrays sharded along 'data' over `mesh`, as numpy (the inverse of
+    global_batch)."""
+    from jax.experimental import multihost_utils
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    local = multihost_utils.global_array_to_host_local_array(tree, mesh, P("data"))
+    return jax.device_get(local)
+
+
+def gather_to_main(items: list) -> list | None:
+    """Process 0 gets every process's `items` (JSON-serialisable), in process order; the others
+    get None. One all-gather of lengths and one of the padded bytes."""
+    if jax.process_count() == 1:
+        return list(items)
+    import json
+
+    from jax.experimental import multihost_utils
+    data = np.frombuffer(json.dumps(items).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    if jax.process_index() != 0:
+        return None
+    out = []
+    for row, n in zip(every, lengths):
+        out.extend(json.loads(row[:n].tobytes().decode()))
+    return out

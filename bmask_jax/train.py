@@ -136,6 +136,18 @@ def train_step(state: TrainState, batch: dict, model: BMaskRCNN, tx, seed: int, 
     return new_state, metrics
 
 
+def jit_train_step(config, model: BMaskRCNN, tx, mesh, donate: bool = True):
+    """train_step jitted for data parallelism over `mesh`: the global batch sharded along
+    'data', the state replicated. XLA partitions the step, so its losses and gradients are those
+    of the global batch, whatever the device count; the gradients cross devices in one fused
+    all-reduce (tests/test_data_parallel.py counts it)."""
+    return jax.jit(
+        lambda s, b: train_step(s, b, model, tx, config.seed, config.train.skip_nonfinite),
+        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+        donate_argnums=0 if donate else ())
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -184,11 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = jax.device_put(state, sharding.replicated(mesh))
 
     t = config.train
-    step_fn = jax.jit(
-        lambda s, b: train_step(s, b, model, tx, config.seed, t.skip_nonfinite),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-        donate_argnums=0)
+    step_fn = jit_train_step(config, model, tx, mesh)
 
     dataset = build_dataset(config.data, config.data.train_split)
     loader = TrainBatches(dataset, config.data, t.batch_size, config.seed, jax.process_index(),
@@ -264,11 +272,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             json.dump(summary, f, indent=2)
     if int(state.step) < t.max_iter:   # stopped early by SIGTERM
         return {}
-    if t.eval_at_end and is_main:
+    if t.eval_at_end:
         from bmask_jax import evaluate
-        # Host copies: the replicated state spans every process's devices, and only this one
-        # evaluates.
-        return evaluate.evaluate(config, workdir, jax.device_get({"params": state.params, "frozen": state.frozen}))
+        # Every process takes part; process 0 gathers the detections and returns the metrics.
+        return evaluate.evaluate(config, workdir, {"params": state.params, "frozen": state.frozen}, mesh)
     return {}
 
 

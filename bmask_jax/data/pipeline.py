@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from bmask_jax.data.transforms import prepare_example
+from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge
 
 STACK_KEYS = ("image", "image_hw", "scale", "orig_hw", "image_id", "gt_boxes", "gt_classes",
               "gt_valid", "gt_masks", "num_dropped")
@@ -136,31 +136,51 @@ class TrainBatches:
         self._decoders.shutdown(wait=False, cancel_futures=True)
 
 
-def eval_batches(dataset, data_cfg, batch_size: int, num_images: int = -1,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-    """Fixed-size evaluation batches over the dataset in order (this process's share); the
-    last batch is padded by repeating its final image, with `is_real` False on the padding."""
+def eval_plan(canvases, global_batch: int) -> list[list[int]]:
+    """The global evaluation batches: image positions grouped by canvas (in order of first
+    appearance, each group in order), cut into batches of global_batch, the last of a group
+    padded with -1. Every process computes the same plan and takes its own slice of each
+    batch, so all processes run the same number of steps on one canvas per step."""
+    groups: dict[tuple, list[int]] = {}
+    for i, canvas in enumerate(canvases):
+        groups.setdefault(tuple(canvas), []).append(i)
+    plan = []
+    for members in groups.values():
+        for start in range(0, len(members), global_batch):
+            chunk = members[start:start + global_batch]
+            plan.append(chunk + [-1] * (global_batch - len(chunk)))
+    return plan
+
+
+def eval_batches(dataset, data_cfg, batch_size: int, num_images: int = -1, process_index: int = 0,
+                 process_count: int = 1, image_sizes=None) -> Iterator[dict]:
+    """Evaluation batches over the first num_images images (all if < 0), each image once, in
+    batches of `batch_size` (global, over all processes) that share one canvas. Yields this
+    process's share of each global batch (batch_size // process_count images), padding slots
+    repeating a real image of the batch with `is_real` False.
+
+    image_sizes: (height, width) of every image in dataset order, to choose canvases without
+    decoding; read from the images themselves if None."""
     n = len(dataset) if num_images < 0 else min(num_images, len(dataset))
+    if batch_size % process_count:
+        raise ValueError(f"the evaluation batch ({batch_size}) must divide among {process_count} processes")
+    local = batch_size // process_count
     c = data_cfg
-    mine = list(range(process_index, n, process_count))
+
+    def prep(i):
+        return prepare_example(dataset[i], c.test_short_side, c.max_size, c.canvas_buckets, False,
+                               c.max_instances, c.gt_mask_size, with_gt=False)
+
+    if image_sizes is None:
+        image_sizes = [dataset[i]["image"].shape[:2] for i in range(n)]
+    canvases = [choose_canvas(resize_shortest_edge(tuple(int(v) for v in image_sizes[i]), c.test_short_side,
+                                                   c.max_size), c.canvas_buckets) for i in range(n)]
     with concurrent.futures.ThreadPoolExecutor(max(c.num_workers, 1)) as pool:
-        def prep(i):
-            return prepare_example(dataset[i], c.test_short_side, c.max_size, c.canvas_buckets, False,
-                                   c.max_instances, c.gt_mask_size, with_gt=False)
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start:start + batch_size]
-            examples = list(pool.map(prep, chunk))
-            real = [True] * len(examples) + [False] * (batch_size - len(examples))
-            examples += [examples[-1]] * (batch_size - len(examples))
-            shapes = {e["image"].shape for e in examples}
-            if len(shapes) > 1:
-                # Evaluate mixed canvases one image at a time rather than recompile per mix.
-                for e, r in zip(examples, real):
-                    if r:
-                        b = _stack([e] * batch_size)
-                        b["is_real"] = np.array([True] + [False] * (batch_size - 1))
-                        yield b
-                continue
+        for chunk in eval_plan(canvases, batch_size):
+            mine = chunk[process_index * local:(process_index + 1) * local]
+            real = [i >= 0 for i in mine]
+            fill = next(i for i in reversed(chunk) if i >= 0)     # padding repeats a real image
+            examples = list(pool.map(prep, [i if i >= 0 else fill for i in mine]))
             b = _stack(examples)
             b["is_real"] = np.array(real)
             yield b
