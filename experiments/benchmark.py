@@ -43,7 +43,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bmask_jax.evaluate import postprocess  # noqa: E402
 from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
 from bmask_jax.models.layers import FrozenBatchNorm  # noqa: E402
-from bmask_jax.train import MODEL_KEYS, create_train_state, dummy_batch, train_step  # noqa: E402
+from bmask_jax.train import MODEL_KEYS, create_train_state, dummy_batch, make_optimizer, train_step  # noqa: E402
+
+
+def dict_copy(config, **model_fields):
+    """A copy of config with the given model fields set."""
+    out = config.copy_and_resolve_references()
+    out.model.update(model_fields)
+    return out
 
 
 def load_config(spec: str):
@@ -86,7 +93,10 @@ def memory_of(compiled) -> dict:
     if m is None:
         return {}
     out = {k: int(getattr(m, f"{k}_size_in_bytes")) for k in ("argument", "output", "temp", "alias")}
-    out["peak"] = int(getattr(m, "peak_memory_in_bytes", 0)) or out["argument"] + out["output"] - out["alias"] + out["temp"]
+    # XLA:CPU's own peak_memory_in_bytes comes out below its temporaries, so the peak here is
+    # the whole buffer assignment: what is live if everything is live at once, an upper bound.
+    out["xla_peak_field"] = int(getattr(m, "peak_memory_in_bytes", 0))
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
 
 
@@ -254,6 +264,42 @@ def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
             "inference_times_s": infer_times, "inference_detections": counts[-1], "torch_threads": threads}
 
 
+def train_step_memory(config, per_device_batch: int, compute_dtype: str, kernels: str = "xla") -> dict:
+    """XLA's memory analysis of the train step compiled for one device at `per_device_batch`:
+    what each chip of a data-parallel run needs (parameters and optimizer state are
+    replicated, activations scale with the per-device batch; the gradient all-reduce adds no
+    buffer of its own size). Compiled with XLA's own kernels ("xla"), the program a GPU or TPU
+    runs, and with the state donated, as in training. Only abstract shapes: nothing runs."""
+    config = dict_copy(config, compute_dtype=compute_dtype, kernels=kernels)
+    model = BMaskRCNN(config.model)
+    state = jax.eval_shape(lambda: create_train_state(config, model, jax.random.PRNGKey(0))[0])
+    tx = make_optimizer(config, state.params)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+             for k, v in dummy_batch(config, per_device_batch).items() if k in MODEL_KEYS}
+    step = jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False), donate_argnums=0)
+    t = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return dict(memory_of(compiled), compile_s=time.perf_counter() - t)
+
+
+def memory_table(specs, configs, batches=(1, 2, 4), dtypes=("float32", "bfloat16")) -> list[dict]:
+    """train_step_memory for every config, per-device batch and compute dtype; prints a row
+    each as it comes."""
+    rows = []
+    gib = 2 ** 30
+    print(f"{'config':40s} {'dtype':9s} {'batch':>5s} {'args':>7s} {'outputs':>8s} {'temps':>7s} "
+          f"{'peak':>7s}  (GiB per device)", flush=True)
+    for spec, config in zip(specs, configs):
+        for dtype in dtypes:
+            for b in batches:
+                m = train_step_memory(config, b, dtype)
+                rows.append(dict(m, config=spec, compute_dtype=dtype, per_device_batch=b))
+                print(f"{spec:40s} {dtype:9s} {b:5d} {m['argument'] / gib:7.2f} {m['output'] / gib:8.2f} "
+                      f"{m['temp'] / gib:7.2f} {m['peak'] / gib:7.2f}", flush=True)
+                gc.collect()
+    return rows
+
+
 def ratios(ours: dict, base: dict) -> dict:
     return {"train_step": ours["train_step_s"] / base["train_step_s"],
             "inference": ours["inference_latency_s"] / base["inference_latency_s"]}
@@ -283,10 +329,20 @@ def main():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every config, e.g. model.roi_heads.foreground_buckets=()")
     p.add_argument("--torchvision", action="store_true", help="also time torchvision's R50-FPN Mask R-CNN (a like-for-like comparison for the first config if it is R50-FPN)")
+    p.add_argument("--kernels", default="",
+                   help="comma-separated model.kernels choices (xla,cpu): each config is measured with each")
+    p.add_argument("--memory", action="store_true",
+                   help="only the memory table: XLA's memory analysis of the train step per device, "
+                        "per-device batch 1, 2, 4, float32 and bfloat16, compiled with XLA's own kernels")
     p.add_argument("--out", default="")
     args = p.parse_args()
     specs = args.config or ["configs/mask_rcnn.py:r50_fpn_1x"]
     configs = [load_config(spec) for spec in specs]
+    if args.kernels:
+        # Each config once per kernel choice, side by side in this process.
+        kernels = args.kernels.split(",")
+        configs = [dict_copy(c, kernels=k) for c in configs for k in kernels]
+        specs = [f"{spec} kernels={k}" for spec in specs for k in kernels]
     for config in configs:
         config.model.roi_heads.score_threshold = args.score_threshold
         for item in args.set:
@@ -308,6 +364,11 @@ def main():
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
+
+    if args.memory:
+        result["memory_per_device"] = memory_table(specs, configs)
+        save()
+        return
 
     for spec, config in zip(specs, configs):
         run = bench_ours(config, args.batch, args.repeats)

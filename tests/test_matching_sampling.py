@@ -204,3 +204,22 @@ def test_subsample_same_key_same_draw():
     c = subsample_labels(jax.random.PRNGKey(1), labels, 32, 0.5)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
     assert not np.array_equal(np.sort(np.asarray(a[0])), np.sort(np.asarray(c[0])))
+
+
+def test_sampling_by_candidate_id_ignores_the_candidates_order():
+    """With candidate ids, each candidate's random number is its own: shuffling the candidates
+    (as two near-tied proposals swapping ranks does) samples the same candidates, in the same
+    slots; without ids, the same shuffle samples others."""
+    rng = np.random.default_rng(3)
+    labels = rng.choice([-1, 0, 1], size=300, p=[0.2, 0.7, 0.1]).astype(np.int32)
+    ids = rng.permutation(10_000)[:300].astype(np.int32)
+    perm = rng.permutation(300)
+    key = jax.random.PRNGKey(7)
+    a = subsample_labels(key, jnp.asarray(labels), 64, 0.25, jnp.asarray(ids))
+    b = subsample_labels(key, jnp.asarray(labels[perm]), 64, 0.25, jnp.asarray(ids[perm]))
+    np.testing.assert_array_equal(ids[np.asarray(a[0])], ids[perm][np.asarray(b[0])])
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    np.testing.assert_array_equal(np.asarray(a[2]), np.asarray(b[2]))
+    c = subsample_labels(key, jnp.asarray(labels), 64, 0.25)
+    d = subsample_labels(key, jnp.asarray(labels[perm]), 64, 0.25)
+    assert set(np.asarray(c[0]).tolist()) != set(perm[np.asarray(d[0])].tolist())

@@ -1,6 +1,9 @@
 """Multi-host data parallelism on one machine: two CPU processes joined by jax.distributed
 (coordinator on localhost) train N steps with the same global batch as one process and end
-with the same parameters, to float tolerance."""
+with the same parameters, to float tolerance; then they evaluate together (each its share of
+the images, detections gathered on process 0) and get the metrics one process gets from the
+same checkpoint."""
+import json
 import os
 import socket
 import subprocess
@@ -8,10 +11,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from helpers import tiny_config
+from test_data_parallel import assert_same_detections
 
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
-from bmask_jax.evaluate import restore_variables
+from bmask_jax.evaluate import evaluate, restore_variables
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.train import create_train_state
 
@@ -21,8 +26,7 @@ STEPS = 4
 # must agree on one canvas for the global batch.
 OVERRIDES = ["--config.data.train_short_side=(48,64)", "--config.data.canvas_buckets=((48,48),(64,64))",
              f"--config.train.max_iter={STEPS}", "--config.train.batch_size=2",
-             f"--config.train.checkpoint_every={STEPS}", "--config.train.eval_at_end=False",
-             "--config.train.log_every=1"]
+             f"--config.train.checkpoint_every={STEPS}", "--config.train.log_every=1"]
 
 
 def _config():
@@ -61,14 +65,15 @@ def test_two_processes_match_one(tmp_path):
     env.pop("XLA_FLAGS", None)                    # one CPU device per process
     two = tmp_path / "two"
     coordinator = f"localhost:{_free_port()}"
-    procs = [subprocess.Popen(_cli(two, f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"),
+    procs = [subprocess.Popen(_cli(two, f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}",
+                                   "--config.eval.batch_size=2", "--config.model.roi_heads.score_threshold=0.0"),
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     one = tmp_path / "one"
-    run = subprocess.run(_cli(one), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(_cli(one, "--config.train.eval_at_end=False"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
     c = _config()
@@ -82,3 +87,17 @@ def test_two_processes_match_one(tmp_path):
     moved = max(float(np.abs(np.asarray(x) - np.asarray(i)).max())
                 for x, i in zip(a, jax.tree_util.tree_leaves(state.params)))
     assert moved > 1e-3
+
+    # Evaluation: the two processes' metrics (process 0 wrote them) equal one process's on the
+    # same checkpoint.
+    c.eval.batch_size = 2
+    c.model.roi_heads.score_threshold = 0.0    # detections even from a model trained 4 steps
+    alone = evaluate(c, str(tmp_path / "alone"), restore_variables(c, str(two)))
+    together = json.load(open(two / "metrics.json"))
+    assert together["num_images"] == alone["num_images"] == c.data.synthetic.num_val
+    assert together["num_detections"] == alone["num_detections"] > 0
+    assert_same_detections(json.load(open(tmp_path / "alone" / "detections.json")),
+                           json.load(open(two / "detections.json")))
+    for kind in ("bbox", "segm"):
+        for k in ("AP", "AP50", "AP75"):
+            assert together[kind][k] == pytest.approx(alone[kind][k], abs=1e-6), (kind, k)

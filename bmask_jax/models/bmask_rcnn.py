@@ -180,7 +180,7 @@ class BMaskRCNN(nn.Module):
             feats = scale_gradient(feats, 1.0 / num_stages)
         return head(feats)
 
-    def box_branch_losses(self, pyramid, proposals, proposal_valid, batch, rng):
+    def box_branch_losses(self, pyramid, proposals, proposal_valid, proposal_ids, batch, rng):
         """Sample RoIs from the proposals (plus GT), then the box loss of each stage; later
         cascade stages re-match the previous stage's regressed boxes at their own IoU.
         Returns (losses, the first stage's sampled RoIs [B, S] dict, its deltas [B*S, ...])."""
@@ -189,9 +189,9 @@ class BMaskRCNN(nn.Module):
         stages = self.box_stages()
         b = proposals.shape[0]
         gt = (batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"])
-        rois = jax.vmap(lambda r, p, pv, gb, gc, gv: label_and_sample_proposals(
-            r, p, pv, gb, gc, gv, k, stages[0][2], cfg.roi_heads))(
-            jax.random.split(rng, b), proposals, proposal_valid, *gt)
+        rois = jax.vmap(lambda r, p, pv, pid, gb, gc, gv: label_and_sample_proposals(
+            r, p, pv, gb, gc, gv, k, stages[0][2], cfg.roi_heads, pid))(
+            jax.random.split(rng, b), proposals, proposal_valid, proposal_ids, *gt)
         first_rois, first_deltas = rois, None
         out = {}
         prev = None
@@ -255,8 +255,9 @@ class BMaskRCNN(nn.Module):
         out = rpn_losses(rng_rpn, jnp.concatenate(anchors), jnp.concatenate(logits, 1),
                          jnp.concatenate(deltas, 1), batch["gt_boxes"], batch["gt_valid"], cfg.rpn)
 
-        proposals, _, proposal_valid = self.proposals(anchors, logits, deltas, batch["image_hw"], True)
-        box_out, rois, box_deltas = self.box_branch_losses(pyramid, proposals, proposal_valid, batch, rng_roi)
+        proposals, _, proposal_valid, proposal_ids = self.proposals(anchors, logits, deltas, batch["image_hw"], True)
+        box_out, rois, box_deltas = self.box_branch_losses(pyramid, proposals, proposal_valid, proposal_ids,
+                                                           batch, rng_roi)
         out.update(box_out)
         s = rois["boxes"].shape[1]
         flat = {key: v.reshape(b * s, *v.shape[2:]) for key, v in rois.items()}
@@ -316,7 +317,7 @@ class BMaskRCNN(nn.Module):
         pyramid = self.pyramid(images, batch["image_hw"])
         anchors = self.anchors(images.shape[1:3])
         logits, deltas = self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
-        proposals, _, proposal_valid = self.proposals(anchors, logits, deltas, batch["image_hw"], False)
+        proposals, _, proposal_valid, _ = self.proposals(anchors, logits, deltas, batch["image_hw"], False)
         boxes, scores, classes, valid = self.box_branch_detect(pyramid, proposals, proposal_valid,
                                                                batch["image_hw"])
         d = boxes.shape[1]

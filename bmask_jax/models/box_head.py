@@ -48,10 +48,15 @@ class BoxPredictor(nn.Module):
         return logits.astype(jnp.float32), deltas.astype(jnp.float32)
 
 
+GT_ID_OFFSET = 1 << 30
+
+
 def label_and_sample_proposals(rng, proposals, proposal_valid, gt_boxes, gt_classes, gt_valid,
-                               num_classes: int, iou_threshold: float, cfg):
+                               num_classes: int, iou_threshold: float, cfg, proposal_ids=None):
     """Append GT to the proposals, match at IoU iou_threshold and sample
     cfg.batch_size_per_image RoIs, at most cfg.positive_fraction foreground. One image.
+    proposal_ids [P] (optional): each proposal's anchor; sampling then draws its random
+    numbers per anchor (and per GT box), not per rank (see subsample_labels).
 
     Returns dict of [S] arrays: boxes [S, 4], classes (K = background), gt_index, is_fg,
     valid; foreground RoIs occupy the first int(S * positive_fraction) slots.
@@ -61,7 +66,11 @@ def label_and_sample_proposals(rng, proposals, proposal_valid, gt_boxes, gt_clas
     matched, labels, _ = match(boxes, gt_boxes, gt_valid, (iou_threshold,), (0, 1),
                                allow_low_quality_matches=False)
     labels = jnp.where(valid, labels, -1)
-    idx, is_fg, sampled = subsample_labels(rng, labels, cfg.batch_size_per_image, cfg.positive_fraction)
+    ids = None
+    if proposal_ids is not None:
+        # GT boxes get ids past any anchor's.
+        ids = jnp.concatenate([proposal_ids, GT_ID_OFFSET + jnp.arange(gt_boxes.shape[0])]).astype(jnp.int32)
+    idx, is_fg, sampled = subsample_labels(rng, labels, cfg.batch_size_per_image, cfg.positive_fraction, ids)
     gt_index = matched[idx]
     classes = jnp.where(is_fg, gt_classes[gt_index], num_classes)
     return {"boxes": boxes[idx], "classes": classes, "gt_index": gt_index, "is_fg": is_fg,

@@ -79,12 +79,16 @@ def find_top_proposals(anchors: Sequence[jnp.ndarray], logits: Sequence[jnp.ndar
     anchors/logits/deltas: per level [A_l, 4] / [A_l] / [A_l, 4]; image_hw: [2] the image's
     extent inside the canvas. Per level: top pre_nms_topk by objectness, decode, clip, drop
     empty boxes, NMS. Then the top post_nms_topk over all levels.
-    Returns (boxes [P, 4], scores [P], valid [P]) with P = post_nms_topk (or fewer candidates).
+    Returns (boxes [P, 4], scores [P], valid [P], anchor_ids [P]) with P = post_nms_topk (or
+    fewer candidates); anchor_ids: each proposal's anchor, numbered over all levels.
     """
-    all_boxes, all_scores, all_valid = [], [], []
+    all_boxes, all_scores, all_valid, all_ids = [], [], [], []
+    first_id = 0
     for anchors_l, logits_l, deltas_l in zip(anchors, logits, deltas):
         k = min(pre_nms_topk, anchors_l.shape[0])
         scores, idx = jax.lax.top_k(logits_l, k)
+        all_ids.append(first_id + idx)
+        first_id += anchors_l.shape[0]
         boxes = box_ops.decode(deltas_l[idx], anchors_l[idx], bbox_reg_weights)
         boxes = box_ops.clip(boxes, image_hw[0], image_hw[1])
         valid = box_ops.nonempty(boxes, min_box_size) & jnp.isfinite(scores) \
@@ -96,7 +100,8 @@ def find_top_proposals(anchors: Sequence[jnp.ndarray], logits: Sequence[jnp.ndar
     boxes = jnp.concatenate(all_boxes)
     scores = jnp.concatenate(all_scores)
     valid = jnp.concatenate(all_valid)
+    ids = jnp.concatenate(all_ids)
     k = min(post_nms_topk, boxes.shape[0])
     _, idx = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), k)
     boxes = jnp.where(valid[idx, None], boxes[idx], 0.0)
-    return boxes, scores[idx], valid[idx]
+    return boxes, scores[idx], valid[idx], ids[idx]

@@ -5,23 +5,34 @@ import jax
 import jax.numpy as jnp
 
 
-def subsample_labels(rng: jax.Array, labels: jnp.ndarray, num_samples: int,
-                     positive_fraction: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+def subsample_labels(rng: jax.Array, labels: jnp.ndarray, num_samples: int, positive_fraction: float,
+                     candidate_ids: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
     """Sample at most `num_samples` of the labelled entries, at most a fraction positive.
 
     labels: [N] int, 1 positive, 0 negative, -1 ignore. As detectron2: take
     min(#pos, int(num_samples * positive_fraction)) positives at random, then fill up to
     num_samples with random negatives.
+    candidate_ids: [N] int, optional: who each entry is (e.g. the anchor a proposal came
+    from). Each entry's random number is then drawn for its id rather than its position, so
+    a reordering of the candidates (two proposals with near-equal scores swapping ranks on
+    float noise, as a different device count can make them) samples the same candidates.
+
     Returns (indices [num_samples] int32, is_positive [num_samples] bool, valid [num_samples]
     bool). Positives come first, so every positive lies in the first
     int(num_samples * positive_fraction) slots; slots beyond the number sampled are invalid.
     """
     if labels.shape[0] < num_samples:
         # Fewer candidates than slots: pad with ignored entries, which are never sampled.
-        labels = jnp.pad(labels, (0, num_samples - labels.shape[0]), constant_values=-1)
+        pad = num_samples - labels.shape[0]
+        labels = jnp.pad(labels, (0, pad), constant_values=-1)
+        if candidate_ids is not None:
+            candidate_ids = jnp.pad(candidate_ids, (0, pad))
     n = labels.shape[0]
     max_pos = int(num_samples * positive_fraction)
-    rand = jax.random.uniform(rng, (n,))
+    if candidate_ids is None:
+        rand = jax.random.uniform(rng, (n,))
+    else:
+        rand = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(rng, i)))(candidate_ids)
     pos = labels == 1
     neg = labels == 0
     # The max_pos random positives: top-k of random keys restricted to positives.
