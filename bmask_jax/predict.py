@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+from PIL import Image
 
 from bmask_jax import sharding
 from bmask_jax.data.images import load_rgb
@@ -44,6 +45,21 @@ class ImageFiles:
     def __getitem__(self, i: int) -> dict:
         return {"image": load_rgb(self.paths[i]), "image_id": i + 1}
 
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image as load_rgb returns it, from the file headers (EXIF
+        orientations 5-8 turn the image by 90 degrees)."""
+        out = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as im:
+                    w, h = im.size
+                    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            except OSError:
+                h, w = load_rgb(path).shape[:2]        # raises ValueError naming the path
+                turned = False
+            out.append((w, h) if turned else (h, w))
+        return out
+
 
 def predict(config, variables: dict, class_names, output_dir: str, mesh=None) -> str | None:
     """Run on config.predict.inputs; write <name>.png per image and predictions.json.
@@ -58,7 +74,7 @@ def predict(config, variables: dict, class_names, output_dir: str, mesh=None) ->
     files = ImageFiles(list_images(config.predict.inputs))
     results = []
     batches = eval_batches(files, config.data, global_eval_batch(config.eval.batch_size, mesh), -1,
-                           jax.process_index(), jax.process_count())
+                           jax.process_index(), jax.process_count(), files.sizes())
     for batch in batches:
         det = sharding.local_rows(detect(variables, sharding.global_batch(
             {k: batch[k] for k in DETECT_KEYS}, mesh)), mesh)

@@ -156,3 +156,14 @@ def test_model_losses_and_gradients_equal_on_both_kernels(monkeypatch):
         a, b = np.asarray(a), np.asarray(b)
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(float(np.abs(a).max()), 1e-6),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_unknown_compute_dtype_names_the_key():
+    from helpers import tiny_config
+
+    from bmask_jax.models.bmask_rcnn import BMaskRCNN
+    from bmask_jax.train import init_variables
+    c = tiny_config()
+    c.model.compute_dtype = "float16"
+    with pytest.raises(ValueError, match="model.compute_dtype"):
+        init_variables(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))

@@ -57,6 +57,8 @@ class BMaskRCNN(nn.Module):
 
     def setup(self):
         cfg = self.cfg
+        if cfg.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"model.compute_dtype must be 'float32' or 'bfloat16', got {cfg.compute_dtype!r}")
         dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
         b = cfg.backbone
         if b.name == "resnet":
