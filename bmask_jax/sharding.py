@@ -98,7 +98,7 @@ def gather_to_main(items: list) -> list | None:
 
     from jax.experimental import multihost_utils
     data = np.frombuffer(json.dumps(items).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int64))).reshape(-1)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
     padded = np.zeros(int(lengths.max()), np.uint8)
     padded[:data.size] = data
     every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
