@@ -34,16 +34,26 @@ def list_images(inputs: str) -> list[str]:
 
 
 class ImageFiles:
-    """Image files as a dataset for eval_batches: example i is {"image", "image_id": i + 1}."""
+    """Image files as a dataset for eval_batches: example i is {"image", "image_id": i + 1}.
+    The images decoded for the current batch are kept for drawing (`decoded`), so that each
+    file is decoded once; `forget` drops them after the batch."""
 
     def __init__(self, paths: list[str]):
         self.paths = paths
+        self._decoded: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": load_rgb(self.paths[i]), "image_id": i + 1}
+        image = self._decoded[i] = load_rgb(self.paths[i])
+        return {"image": image, "image_id": i + 1}
+
+    def decoded(self, i: int) -> np.ndarray:
+        return self._decoded[i] if i in self._decoded else load_rgb(self.paths[i])
+
+    def forget(self) -> None:
+        self._decoded.clear()
 
     def sizes(self) -> list[tuple[int, int]]:
         """(height, width) of every image as load_rgb returns it, from the file headers (EXIF
@@ -86,9 +96,10 @@ def predict(config, variables: dict, class_names, output_dir: str, mesh=None) ->
             inst = {k: (v[keep] if v is not None else None) for k, v in inst.items()}
             for r in to_coco_results(image_id, inst, list(range(1, len(class_names) + 1))):
                 results.append(dict(r, file_name=os.path.basename(path)))
-            drawn = draw_instances(load_rgb(path), inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
+            drawn = draw_instances(files.decoded(image_id - 1), inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
                                    class_names, inst["boundaries"])
             save_image(os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".png"), drawn)
+        files.forget()
     results = sharding.gather_to_main(results)
     if results is None:
         return None
