@@ -15,6 +15,7 @@ setup(
         "ml-collections>=1.1.0",
         "numpy>=2.0",
         "pycocotools>=2.0.11",
+        "faster-coco-eval>=1.8.0,<2",     # Boundary AP (iouType="boundary")
         "pillow",
         # COCO-format data prepared as a TFDS dataset (array_record); no TensorFlow needed.
         # tfds uses pillow and importlib_resources without declaring them.

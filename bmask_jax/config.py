@@ -1,6 +1,8 @@
-"""Default configuration: detectron2's Mask R-CNN R50-FPN defaults with the authors' BMask
-R-CNN settings (../SPEC sections 1-8). Config files in configs/ start from `base()` and
-change what their variant needs; every number the model uses is a field here.
+"""Default configuration: detectron2's Mask R-CNN R50-FPN 1x (mask_rcnn_R_50_FPN_1x.yaml) as
+the base, and the authors' BMask R-CNN settings (../SPEC sections 1-8) set by `mask_head`.
+Config files in configs/ start from `base()` and change what their variant needs; every
+number the model uses is a field here (the boundary branch's fields are read only by the
+'bmask' head).
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ def base() -> ml_collections.ConfigDict:
         iou_threshold=0.5, batch_size_per_image=512, positive_fraction=0.25,
         pooler_resolution=7, sampling_ratio=2, max_adaptive_samples=4,   # 0: uncapped, inference only
         num_fc=2, fc_dim=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), smooth_l1_beta=0.0,
-        train_on_pred_boxes=True, score_threshold=0.05, nms_threshold=0.5,
+        train_on_pred_boxes=False, score_threshold=0.05, nms_threshold=0.5,
         detections_per_image=100, topk_candidates=1000,
         num_mask_rois=128, class_agnostic_bbox_reg=False,
         # The mask head runs on the smallest of these per-image slot counts (or num_mask_rois)
@@ -57,7 +59,7 @@ def base() -> ml_collections.ConfigDict:
             enabled=False, iou_thresholds=(0.5, 0.6, 0.7),
             bbox_reg_weights=((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))))))
     m.mask_head = ml_collections.ConfigDict(dict(
-        name="bmask",                        # "bmask" | "maskrcnn" | "sobel" (Fig. 7b)
+        name="maskrcnn",                     # "maskrcnn" | "bmask" | "sobel" (Fig. 7b): see mask_head()
         pooler_resolution=14, conv_dim=256, num_conv=4, loss_weight=1.0,
         sobel_hidden_dim=16))                # 'sobel': width of the conv between the two 3x3s
     m.boundary = ml_collections.ConfigDict(dict(
@@ -119,6 +121,15 @@ def base() -> ml_collections.ConfigDict:
     e.mask_threshold = 0.5
     e.num_pictures = 8                       # val images drawn into workdir/pictures
     c.predict = ml_collections.ConfigDict(dict(inputs="", output_dir="", score_threshold=0.5))
+    return c
+
+
+def mask_head(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """Pick the mask head. The authors' BMask R-CNN configs (and their Sobel variant) also train
+    the mask branch on the box head's refined boxes (train_on_pred_boxes, SPEC section 5);
+    detectron2's Mask R-CNN, the paper's baseline, does not."""
+    c.model.mask_head.name = name
+    c.model.roi_heads.train_on_pred_boxes = name != "maskrcnn"
     return c
 
 

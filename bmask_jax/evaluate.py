@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from bmask_jax import sharding
-from bmask_jax.coco_eval import coco_evaluate, plot_ap_vs_iou
+from bmask_jax.coco_eval import IOU_TYPES, coco_evaluate, plot_ap_vs_iou
 from bmask_jax.data.pipeline import build_dataset, eval_batches
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.ops.masks import masks_to_rle, paste_masks
@@ -112,13 +112,13 @@ def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
     # Detections in image order, whatever the batching and device count.
     order = {im["id"]: k for k, im in enumerate(gt["images"])}
     results.sort(key=lambda r: order[r["image_id"]])
-    metrics = {"bbox": coco_evaluate(gt, results, "bbox"), "segm": coco_evaluate(gt, results, "segm"),
-               "num_images": len(gt["images"]), "num_detections": len(results)}
+    metrics = {kind: coco_evaluate(gt, results, kind) for kind in IOU_TYPES}
+    metrics.update(num_images=len(gt["images"]), num_detections=len(results))
     with open(os.path.join(workdir, "detections.json"), "w") as f:
         json.dump(results, f)
     with open(os.path.join(workdir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    plot_ap_vs_iou({"bbox": metrics["bbox"]["AP_per_iou"], "segm": metrics["segm"]["AP_per_iou"]},
+    plot_ap_vs_iou({kind: metrics[kind]["AP_per_iou"] for kind in IOU_TYPES},
                    os.path.join(workdir, "ap_vs_iou.png"),
                    title=f"AP vs IoU threshold ({config.model.mask_head.name})")
     summary = format_metrics(metrics)
@@ -150,11 +150,13 @@ def dataset_index(dataset, image_id: int) -> int:
 
 def format_metrics(metrics: dict) -> str:
     lines = [f"COCO evaluation on {metrics['num_images']} images ({metrics['num_detections']} detections)",
-             f"{'':6s}{'AP':>7s}{'AP50':>7s}{'AP75':>7s}{'APs':>7s}{'APm':>7s}{'APl':>7s}"]
-    for kind in ("bbox", "segm"):
+             f"{'':9s}{'AP':>7s}{'AP50':>7s}{'AP75':>7s}{'APs':>7s}{'APm':>7s}{'APl':>7s}"]
+    for kind in IOU_TYPES:
+        if kind not in metrics:
+            continue
         m = metrics[kind]
         # pycocotools reports -1 for an area range with no objects.
-        lines.append(f"{kind:6s}" + "".join(f"{100 * m[k]:7.1f}" if m[k] >= 0 else f"{'-':>7s}"
+        lines.append(f"{kind:9s}" + "".join(f"{100 * m[k]:7.1f}" if m[k] >= 0 else f"{'-':>7s}"
                                             for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     return "\n".join(lines)
 

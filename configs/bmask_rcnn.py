@@ -7,7 +7,5 @@ from bmask_jax import config as base_config
 
 
 def get_config(variant: str = "shapes"):
-    c = base_config.base()
-    c.model.mask_head.name = "bmask"
-    c.model.roi_heads.train_on_pred_boxes = True
+    c = base_config.mask_head(base_config.base(), "bmask")
     return base_config.variant(c, variant)

@@ -23,8 +23,7 @@ def get_config(variant: str = "bmask"):
                   train_short_side=tuple(range(800, 1025, 32)), test_short_side=1024, max_size=2048,
                   canvas_buckets=((1024, 2048),))
     c.model.num_classes = 8
-    c.model.mask_head.name = head
-    c.model.roi_heads.train_on_pred_boxes = head == "bmask"
+    base_config.mask_head(c, head)
     t = c.train
     if schedule == "paper":
         t.update(batch_size=4, base_lr=0.005, max_iter=48000, lr_steps=(36000,))

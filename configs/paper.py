@@ -10,17 +10,11 @@ from bmask_jax import config as base_config
 
 
 def _coco(head: str, depth: int = 50):
-    c = base_config.coco(base_config.base(), depth)
-    c.model.mask_head.name = head
-    c.model.roi_heads.train_on_pred_boxes = head != "maskrcnn"
-    return c
+    return base_config.mask_head(base_config.coco(base_config.base(), depth), head)
 
 
 def _hrnet(head: str):
-    c = base_config.hrnet_coco(base_config.base(), 32)
-    c.model.mask_head.name = head
-    c.model.roi_heads.train_on_pred_boxes = head != "maskrcnn"
-    return c
+    return base_config.mask_head(base_config.hrnet_coco(base_config.base(), 32), head)
 
 
 def _ablation(head: str = "bmask", **boundary):

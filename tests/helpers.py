@@ -21,9 +21,7 @@ def reference(name: str):
 
 
 def tiny_config(head: str = "bmask"):
-    c = config_lib.tiny(config_lib.base())
-    c.model.mask_head.name = head
-    return c
+    return config_lib.mask_head(config_lib.tiny(config_lib.base()), head)
 
 
 def first_batch(c) -> dict:

@@ -237,7 +237,7 @@ def test_trains_and_evaluates_from_the_official_folders(tree, tmp_path):
     c.train.update(max_iter=2, checkpoint_every=100)
     workdir = str(tmp_path / "run")
     metrics = train_and_evaluate(c, workdir)
-    assert metrics["num_images"] == 2 and "AP" in metrics["segm"] and "AP" in metrics["bbox"]
+    assert metrics["num_images"] == 2 and all("AP" in metrics[k] for k in ("bbox", "segm", "boundary"))
     saved = json.load(open(os.path.join(workdir, "metrics.json")))
     assert saved["num_images"] == 2
     summary = json.load(open(os.path.join(workdir, "train_summary.json")))

@@ -164,3 +164,41 @@ def test_rle_of_the_wrong_size_is_named(tmp_path):
     ds = CocoJsonDataset(str(tmp_path / "ann.json"), str(tmp_path))
     with pytest.raises(ValueError, match="annotation id 5 .*ann.json: RLE of size \\[10, 10\\]"):
         ds[0]
+
+
+def test_evaluate_counts_annotation_id_zero(tmp_path, monkeypatch):
+    # A COCO-format ground truth numbered from 0, as some annotation tools write it, through
+    # the evaluate path (dataset files -> detections -> COCO metrics), with the detections
+    # replaced by the ground truth itself: every metric must be a perfect 1.0. Before the
+    # ids were renumbered, the instance with id 0 counted as a miss and its detection as a
+    # false positive.
+    import jax
+    from bmask_jax import evaluate as evaluate_lib
+    from bmask_jax.models.bmask_rcnn import BMaskRCNN
+    from bmask_jax.train import init_variables
+
+    val_json = SyntheticShapes("val", num_images=3, image_size=(64, 64), max_instances=3).export_coco(
+        str(tmp_path / "val"))
+    gt = json.load(open(val_json))
+    for k, a in enumerate(gt["annotations"]):
+        a["id"] = k                                   # 0, 1, 2, ...
+    json.dump(gt, open(val_json, "w"))
+    by_image = {}
+    for a in gt["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+
+    def perfect(image_id, inst, category_ids):
+        return [{"image_id": image_id, "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
+                 "segmentation": a["segmentation"]} for a in by_image.get(image_id, [])]
+
+    monkeypatch.setattr(evaluate_lib, "to_coco_results", perfect)
+    c = tiny_config("maskrcnn")
+    c.data.update(dataset="coco", coco_train_json=val_json, coco_eval_json=val_json,
+                  coco_images=str(tmp_path / "val" / "images"))
+    c.eval.num_pictures = 0
+    variables = init_variables(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))
+    metrics = evaluate_lib.evaluate(c, str(tmp_path / "run"), variables)
+    assert min(a["id"] for a in gt["annotations"]) == 0 and metrics["num_detections"] == len(gt["annotations"])
+    for kind in ("bbox", "segm", "boundary"):
+        assert metrics[kind]["AP"] == pytest.approx(1.0), kind
+    assert json.load(open(tmp_path / "run" / "metrics.json"))["segm"]["AP"] == pytest.approx(1.0)

@@ -170,3 +170,80 @@ def test_box_score_ranks_boxes_and_score_ranks_masks():
     results = [dict(_det(1, 1, fp, 0.9), box_score=0.5), dict(_det(1, 1, a, 0.8), box_score=0.8)]
     assert coco_evaluate(gt, results, "segm")["AP"] == pytest.approx(0.5 * 51 / 101, abs=1e-12)
     assert coco_evaluate(gt, results, "bbox")["AP"] == pytest.approx(51 / 101, abs=1e-12)
+
+
+# ------------------------------------------------------------------ Boundary AP, by hand
+# Images are 100x120: diagonal 156.2 px, so the boundary band is d = round(0.02 * 156.2) = 3
+# px wide (Cheng et al.'s default dilation ratio 0.02). One GT and one detection: AP at each
+# threshold t is 1 if the overlap >= t, else 0, so the AP is the share of the ten thresholds
+# 0.50..0.95 at or below the overlap, and Boundary AP uses min(mask IoU, boundary IoU).
+
+def _ap_of_one_match(overlap):
+    return sum(t <= overlap for t in np.linspace(0.5, 0.95, 10)) / 10
+
+
+@pytest.mark.parametrize("shift, inter", [(1, 370), (2, 296)])
+def test_boundary_ap_square_shifted_by_hand(shift, inter):
+    # A 40x40 square and the same square shifted right by `shift` px. Each one's boundary band
+    # is the square minus its 34x34 interior: 1600 - 1156 = 444 px. With O = outer square,
+    # I = interior, band_a & band_b = |Oa&Ob| - |Oa&Ib| - |Ia&Ob| + |Ia&Ib|:
+    #   shift 1: 40*39 - 34*34 - 34*34 + 34*33 = 1560 - 1156 - 1156 + 1122 = 370
+    #   shift 2: 40*38 - 34*34 - 34*34 + 34*32 = 1520 - 1156 - 1156 + 1088 = 296
+    # boundary IoU = inter / (444 + 444 - inter): 370/518 = 0.714 and 296/592 = 0.500, while
+    # the mask IoU is 1560/1640 = 0.951 and 1520/1680 = 0.905.
+    gt_mask = _rect_mask(20, 20, 40, 40)
+    gt = _make_gt([(1, 1, gt_mask)])
+    det = [_det(1, 1, _rect_mask(20 + shift, 20, 40, 40), 0.9)]
+    boundary_iou = inter / (888 - inter)
+    mask_iou = 40 * (40 - shift) / (1600 + 40 * shift)
+    assert boundary_iou < mask_iou
+    boundary = coco_evaluate(gt, det, "boundary")
+    _check_keys(boundary)
+    assert boundary["AP"] == pytest.approx(_ap_of_one_match(boundary_iou), abs=1e-12)
+    assert boundary["AP"] == pytest.approx({1: 0.5, 2: 0.1}[shift], abs=1e-12)
+    assert coco_evaluate(gt, det, "segm")["AP"] == pytest.approx(_ap_of_one_match(mask_iou), abs=1e-12)
+    assert coco_evaluate(gt, det, "segm")["AP"] == pytest.approx({1: 1.0, 2: 0.9}[shift], abs=1e-12)
+    # per threshold: matched up to the boundary IoU, missed above it
+    for key, ap in boundary["AP_per_iou"].items():
+        assert ap == pytest.approx(1.0 if float(key) <= boundary_iou else 0.0, abs=1e-12)
+
+
+def test_boundary_ap_thin_ring_is_its_own_boundary():
+    # A ring 2 px wide (outer 40x40, inner 36x36: 1600 - 1296 = 304 px) lies wholly within
+    # 3 px of its contour, so its boundary band is the ring itself; the detection, the same
+    # outer square 3 px wide (1600 - 1156 = 444 px), likewise. Boundary IoU = mask IoU =
+    # 304 / 444 = 0.685: matched at 0.50..0.65, AP 0.4 for both.
+    def ring(width):
+        m = _rect_mask(20, 20, 40, 40)
+        m[20 + width:60 - width, 20 + width:60 - width] = False
+        return m
+    gt = _make_gt([(1, 1, ring(2))])
+    det = [_det(1, 1, ring(3), 0.9)]
+    assert ring(2).sum() == 304 and ring(3).sum() == 444
+    assert coco_evaluate(gt, det, "segm")["AP"] == pytest.approx(0.4, abs=1e-12)
+    assert coco_evaluate(gt, det, "boundary")["AP"] == pytest.approx(0.4, abs=1e-12)
+
+
+def test_boundary_ap_empty_prediction_and_no_results():
+    # An empty predicted mask has an empty boundary: IoU 0, a false positive, and the GT a miss.
+    gt = _make_gt([(1, 1, _rect_mask(20, 20, 40, 40))])
+    empty = dict(_det(1, 1, _rect_mask(20, 20, 40, 40), 0.9),
+                 segmentation=masks_to_rle(np.zeros((1, H, W), bool))[0])
+    res = coco_evaluate(gt, [empty], "boundary")
+    assert res["AP"] == 0.0 and all(v == 0.0 for v in res["AP_per_iou"].values())
+    perfect = coco_evaluate(gt, [_det(1, 1, _rect_mask(20, 20, 40, 40), 0.9)], "boundary")
+    assert perfect["AP"] == pytest.approx(1.0, abs=1e-12)
+    assert coco_evaluate(gt, [], "boundary")["AP"] == 0.0
+
+
+def test_annotation_id_zero_is_counted():
+    # COCOeval marks matches with the GT annotation's id, 0 meaning unmatched: without
+    # renumbering, a GT with id 0 would be a miss and its perfect detection a false positive.
+    a, b = _rect_mask(10, 10, 40, 40), _rect_mask(60, 50, 30, 30)
+    gt = _make_gt([(1, 1, a), (1, 2, b)])
+    gt["annotations"][0]["id"] = 0
+    gt["annotations"][1]["id"] = 0          # and a duplicate id
+    results = [_det(1, 1, a, 0.9), _det(1, 2, b, 0.8)]
+    for iou_type in ("bbox", "segm", "boundary"):
+        assert coco_evaluate(gt, results, iou_type)["AP"] == pytest.approx(1.0, abs=1e-12), iou_type
+    assert [ann["id"] for ann in gt["annotations"]] == [0, 0]     # the caller's dict is untouched

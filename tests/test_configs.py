@@ -50,3 +50,113 @@ def test_unknown_variants_are_named():
             module.get_config("nope")
     with pytest.raises(ValueError, match="nope"):
         paper.get_config("nope")
+
+
+# detectron2's values for configs/mask_rcnn_R_50_FPN_1x.yaml (its _BASE_ Base-RCNN-FPN.yaml
+# over config/defaults.py), written out by hand: our field -> (detectron2 key, its value).
+DETECTRON2_MASK_RCNN_R50_FPN_1X = {
+    "num_classes": ("ROI_HEADS.NUM_CLASSES", 80),
+    "input_format": ("INPUT.FORMAT", "BGR"),
+    "pixel_mean": ("PIXEL_MEAN", (103.530, 116.280, 123.675)),
+    "pixel_std": ("PIXEL_STD", (1.0, 1.0, 1.0)),
+    "backbone.name": ("BACKBONE.NAME build_resnet_fpn_backbone", "resnet"),
+    "backbone.depth": ("RESNETS.DEPTH", 50),
+    "backbone.stem_channels": ("RESNETS.STEM_OUT_CHANNELS", 64),
+    "backbone.res2_out_channels": ("RESNETS.RES2_OUT_CHANNELS", 256),
+    "backbone.bottleneck_channels": ("RESNETS.NUM_GROUPS * WIDTH_PER_GROUP", 1 * 64),
+    "backbone.stride_in_1x1": ("RESNETS.STRIDE_IN_1X1", True),
+    "backbone.norm": ("RESNETS.NORM", "FrozenBN"),
+    "backbone.freeze_at": ("BACKBONE.FREEZE_AT", 2),
+    "fpn.channels": ("FPN.OUT_CHANNELS", 256),
+    "anchors.sizes": ("ANCHOR_GENERATOR.SIZES", (32, 64, 128, 256, 512)),
+    "anchors.aspect_ratios": ("ANCHOR_GENERATOR.ASPECT_RATIOS", (0.5, 1.0, 2.0)),
+    "anchors.strides": ("p2..p6 strides", (4, 8, 16, 32, 64)),
+    "anchors.offset": ("ANCHOR_GENERATOR.OFFSET", 0.0),
+    "rpn.iou_thresholds": ("RPN.IOU_THRESHOLDS", (0.3, 0.7)),
+    "rpn.batch_size_per_image": ("RPN.BATCH_SIZE_PER_IMAGE", 256),
+    "rpn.positive_fraction": ("RPN.POSITIVE_FRACTION", 0.5),
+    "rpn.bbox_reg_weights": ("RPN.BBOX_REG_WEIGHTS", (1.0, 1.0, 1.0, 1.0)),
+    "rpn.smooth_l1_beta": ("RPN.SMOOTH_L1_BETA", 0.0),
+    "rpn.loss_weight": ("RPN.LOSS_WEIGHT", 1.0),
+    "rpn.pre_nms_topk_train": ("RPN.PRE_NMS_TOPK_TRAIN (Base-RCNN-FPN)", 2000),
+    "rpn.pre_nms_topk_test": ("RPN.PRE_NMS_TOPK_TEST (Base-RCNN-FPN)", 1000),
+    "rpn.post_nms_topk_train": ("RPN.POST_NMS_TOPK_TRAIN (Base-RCNN-FPN)", 1000),
+    "rpn.post_nms_topk_test": ("RPN.POST_NMS_TOPK_TEST (Base-RCNN-FPN)", 1000),
+    "rpn.nms_threshold": ("RPN.NMS_THRESH", 0.7),
+    "roi_heads.iou_threshold": ("ROI_HEADS.IOU_THRESHOLDS", 0.5),
+    "roi_heads.batch_size_per_image": ("ROI_HEADS.BATCH_SIZE_PER_IMAGE", 512),
+    "roi_heads.positive_fraction": ("ROI_HEADS.POSITIVE_FRACTION", 0.25),
+    "roi_heads.pooler_resolution": ("ROI_BOX_HEAD.POOLER_RESOLUTION", 7),
+    "roi_heads.num_fc": ("ROI_BOX_HEAD.NUM_FC", 2),
+    "roi_heads.fc_dim": ("ROI_BOX_HEAD.FC_DIM", 1024),
+    "roi_heads.bbox_reg_weights": ("ROI_BOX_HEAD.BBOX_REG_WEIGHTS", (10.0, 10.0, 5.0, 5.0)),
+    "roi_heads.smooth_l1_beta": ("ROI_BOX_HEAD.SMOOTH_L1_BETA", 0.0),
+    "roi_heads.train_on_pred_boxes": ("ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES", False),
+    "roi_heads.class_agnostic_bbox_reg": ("ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", False),
+    "roi_heads.score_threshold": ("ROI_HEADS.SCORE_THRESH_TEST", 0.05),
+    "roi_heads.nms_threshold": ("ROI_HEADS.NMS_THRESH_TEST", 0.5),
+    "roi_heads.detections_per_image": ("TEST.DETECTIONS_PER_IMAGE", 100),
+    # every foreground RoI gets a mask: at most 512 x 0.25
+    "roi_heads.num_mask_rois": ("ROI_HEADS.BATCH_SIZE_PER_IMAGE * POSITIVE_FRACTION", 128),
+    "roi_heads.cascade.enabled": ("META_ARCHITECTURE GeneralizedRCNN, StandardROIHeads", False),
+    "mask_head.name": ("ROI_MASK_HEAD.NAME MaskRCNNConvUpsampleHead", "maskrcnn"),
+    "mask_head.pooler_resolution": ("ROI_MASK_HEAD.POOLER_RESOLUTION", 14),
+    "mask_head.conv_dim": ("ROI_MASK_HEAD.CONV_DIM", 256),
+    "mask_head.num_conv": ("ROI_MASK_HEAD.NUM_CONV", 4),
+    "mask_head.loss_weight": ("ROI_MASK_HEAD.LOSS_WEIGHT", 1.0),
+    "mask_scoring.enabled": ("no MaskIoU head", False),
+    "backbone.hrnet.*": ("unused: backbone.name is resnet", None),
+    "boundary.*": ("unused: read by the 'bmask' head only", None),
+    "mask_head.sobel_hidden_dim": ("unused: read by the 'sobel' head only", None),
+    "mask_scoring.*": ("unused: mask_scoring.enabled is False", None),
+    "roi_heads.cascade.*": ("unused: cascade.enabled is False", None),
+}
+# Fields where we knowingly differ or that detectron2 has no knob for, and why.
+NOT_DETECTRON2 = {
+    # SPEC section 4: a static 2x2 samples per bin (TPU implementations do the same); 0 with
+    # a cap (max_adaptive_samples) gives detectron2's adaptive sampling for converted weights.
+    "roi_heads.sampling_ratio": 2,
+    "roi_heads.max_adaptive_samples": 4,
+    # detectron2 keeps every (box, class) above the score threshold before NMS; static shapes
+    # keep the best 1000.
+    "roi_heads.topk_candidates": 1000,
+    "roi_heads.foreground_buckets": (32, 64),   # which static mask-head batch sizes are compiled
+    "compute_dtype": "float32",                  # detectron2 trains in float32 by default
+    "kernels": "auto",                           # which conv kernels XLA:CPU uses
+}
+
+
+def _leaves(d, prefix=""):
+    for k, v in d.items():
+        if hasattr(v, "items"):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def test_mask_rcnn_r50_fpn_1x_is_detectron2s():
+    fields = dict(_leaves(mask_rcnn.get_config("r50_fpn_1x").model))
+    checked = set()
+    for key, (d2_key, want) in DETECTRON2_MASK_RCNN_R50_FPN_1X.items():
+        if want is None:    # a field (or group, ".*") the Mask R-CNN model never reads
+            checked |= {k for k in fields if k == key or (key.endswith(".*") and k.startswith(key[:-1]))}
+            continue
+        got = fields[key]
+        got = tuple(got) if isinstance(got, (list, tuple)) else got
+        assert got == pytest.approx(want) if isinstance(want, tuple) else got == want, (key, d2_key, got, want)
+        checked.add(key)
+    for key, ours in NOT_DETECTRON2.items():
+        got = fields[key]
+        assert (tuple(got) if isinstance(got, (list, tuple)) else got) == ours, key
+        checked.add(key)
+    # Every model field is accounted for: a new field has to be placed in one of the tables.
+    assert set(fields) == checked, sorted(set(fields) - checked)
+
+
+def test_bmask_configs_differ_from_the_baseline_in_the_head_only():
+    for variant in ("r50_fpn_1x", "shapes"):
+        base = dict(_leaves(mask_rcnn.get_config(variant)))
+        bmask = dict(_leaves(bmask_rcnn.get_config(variant)))
+        assert {k for k in base if base[k] != bmask[k]} == {"model.mask_head.name",
+                                                            "model.roi_heads.train_on_pred_boxes"}
+        assert bmask["model.mask_head.name"] == "bmask" and bmask["model.roi_heads.train_on_pred_boxes"]

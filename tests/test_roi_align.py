@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmask_jax.ops.roi_align import assign_levels, roi_align
+from bmask_jax.ops.roi_align import assign_levels, pool_method, roi_align
 
 from helpers import reference as _reference
 
@@ -67,10 +67,15 @@ def _ref_roi_align(feat, box, scale, out, sampling_ratio, grid_cap=None):
     return result
 
 
-@partial(jax.jit, static_argnames=("strides", "output_size", "sampling_ratio", "max_adaptive_samples"))
-def _jit_roi_align(features, boxes, levels, strides, output_size, sampling_ratio, max_adaptive_samples=4):
+@partial(jax.jit, static_argnames=("strides", "output_size", "sampling_ratio", "max_adaptive_samples", "method"))
+def _jit_roi_align(features, boxes, levels, strides, output_size, sampling_ratio, max_adaptive_samples=4,
+                   method="gather"):
     return roi_align(features, boxes, levels, strides, output_size, sampling_ratio,
-                     max_adaptive_samples=max_adaptive_samples)
+                     max_adaptive_samples=max_adaptive_samples, method=method)
+
+
+# Both formulations (a weighted gather, and separable matmuls) against the same references.
+METHODS = pytest.mark.parametrize("method", ["gather", "matmul"])
 
 
 def _boxes_for_map(rng, n, h, w, stride, max_side):
@@ -87,7 +92,8 @@ def _boxes_for_map(rng, n, h, w, stride, max_side):
 
 @pytest.mark.parametrize("output_size", [7, 14])
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
-def test_single_level_vs_numpy_loop(output_size, sampling_ratio):
+@METHODS
+def test_single_level_vs_numpy_loop(output_size, sampling_ratio, method):
     rng = np.random.default_rng(output_size + sampling_ratio)
     h, w, c, stride = 12, 15, 3, 4
     feat = rng.normal(size=(h, w, c)).astype(np.float32)
@@ -100,28 +106,29 @@ def test_single_level_vs_numpy_loop(output_size, sampling_ratio):
         [0, 0, w * stride, h * stride],  # the whole map
     ], np.float32)])
     got = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), jnp.zeros(len(boxes), jnp.int32),
-                                    (stride,), output_size, sampling_ratio))
+                                    (stride,), output_size, sampling_ratio, method=method))
     assert got.shape == (len(boxes), output_size, output_size, c)
     want = np.stack([_ref_roi_align(feat, b, 1.0 / stride, output_size, sampling_ratio) for b in boxes])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
     assert np.all(want[6] == 0) and np.any(want[7] != 0)
 
 
-def test_adaptive_grid_is_capped_as_documented():
+@METHODS
+def test_adaptive_grid_is_capped_as_documented(method):
     # A box needing ceil(11 / 2) = 6 samples per side at output 2: with the cap each side
     # uses max_adaptive_samples samples, with a large enough cap it is exact torchvision.
     rng = np.random.default_rng(5)
     feat = rng.normal(size=(16, 16, 2)).astype(np.float32)
     boxes = np.array([[2.0, 3.0, 13.0, 14.0], [5.0, 5.0, 9.0, 8.0]], np.float32)
     lv = jnp.zeros(2, jnp.int32)
-    capped = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 3))
+    capped = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 3, method))
     np.testing.assert_allclose(capped, np.stack([_ref_roi_align(feat, b, 1.0, 2, 0, grid_cap=3) for b in boxes]),
                                atol=2e-5)
-    exact = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 6))
+    exact = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 6, method))
     np.testing.assert_allclose(exact, np.stack([_ref_roi_align(feat, b, 1.0, 2, 0) for b in boxes]), atol=2e-5)
     assert not np.allclose(capped[0], exact[0], atol=1e-3)
     # max_adaptive_samples=0: no cap, as many samples as the largest box needs (here 6).
-    uncapped = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 0))
+    uncapped = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(boxes), lv, (1,), 2, 0, 0, method))
     np.testing.assert_allclose(uncapped, exact, atol=2e-5)
     big = np.array([[0.0, 0.0, 16.0, 16.0], [1.0, 2.0, 3.0, 4.0]], np.float32)     # needs 8, and 1
     uncapped = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(big), lv, (1,), 2, 0, 0))
@@ -132,7 +139,8 @@ def test_adaptive_grid_is_capped_as_documented():
 
 @pytest.mark.parametrize("output_size", [7, 14, 28])
 @pytest.mark.parametrize("sampling_ratio", [0, 2])
-def test_vs_torchvision_reference(output_size, sampling_ratio):
+@METHODS
+def test_vs_torchvision_reference(output_size, sampling_ratio, method):
     ref = _reference("roi_align_torchvision.npz")
     feats = np.transpose(ref["features"], (0, 2, 3, 1))            # NCHW -> NHWC
     rois = ref["rois"]
@@ -148,7 +156,7 @@ def test_vs_torchvision_reference(output_size, sampling_ratio):
         # All RoIs through one compiled call per configuration; keep those of image b.
         out = np.asarray(_jit_roi_align([jnp.asarray(feats[b])], jnp.asarray(rois[:, 1:]),
                                         jnp.zeros(len(rois), jnp.int32), (stride,), output_size,
-                                        sampling_ratio, cap))
+                                        sampling_ratio, cap, method))
         sel = rois[:, 0] == b
         got[sel] = out[sel]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
@@ -156,7 +164,8 @@ def test_vs_torchvision_reference(output_size, sampling_ratio):
 
 # ------------------------------------------------------------------ multilevel
 
-def test_multilevel_equals_per_level_pooling():
+@METHODS
+def test_multilevel_equals_per_level_pooling(method):
     rng = np.random.default_rng(11)
     c = 4
     f0 = rng.normal(size=(16, 20, c)).astype(np.float32)    # stride 4 over a 64x80 image
@@ -164,16 +173,16 @@ def test_multilevel_equals_per_level_pooling():
     boxes = _boxes_for_map(rng, 10, 16, 20, 4, max_side=40)
     levels = np.array([0, 1] * 5, np.int32)
     got = np.asarray(_jit_roi_align([jnp.asarray(f0), jnp.asarray(f1)], jnp.asarray(boxes),
-                                    jnp.asarray(levels), (4, 8), 7, 2))
+                                    jnp.asarray(levels), (4, 8), 7, 2, method=method))
     for i, (b, lv) in enumerate(zip(boxes, levels)):
         feat, stride = (f0, 4) if lv == 0 else (f1, 8)
         alone = np.asarray(_jit_roi_align([jnp.asarray(feat)], jnp.asarray(b[None]), jnp.zeros(1, jnp.int32),
-                                          (stride,), 7, 2))[0]
+                                          (stride,), 7, 2, method=method))[0]
         np.testing.assert_allclose(got[i], alone, atol=1e-5)
         np.testing.assert_allclose(got[i], _ref_roi_align(feat, b, 1.0 / stride, 7, 2), atol=2e-5)
     # pooling from the wrong level really gives something else
     wrong = np.asarray(_jit_roi_align([jnp.asarray(f0), jnp.asarray(f1)], jnp.asarray(boxes),
-                                      jnp.asarray(1 - levels), (4, 8), 7, 2))
+                                      jnp.asarray(1 - levels), (4, 8), 7, 2, method=method))
     assert not np.allclose(wrong, got, atol=1e-3)
 
 
@@ -191,7 +200,8 @@ def test_assign_levels_by_hand():
 
 # ------------------------------------------------------------------ gradient
 
-def test_grad_wrt_features_matches_finite_differences():
+@METHODS
+def test_grad_wrt_features_matches_finite_differences(method):
     rng = np.random.default_rng(3)
     h, w, c = 5, 6, 2
     feat = rng.normal(size=(h, w, c)).astype(np.float32)
@@ -199,7 +209,7 @@ def test_grad_wrt_features_matches_finite_differences():
     cot = jnp.asarray(rng.normal(size=(2, 3, 3, c)).astype(np.float32))
 
     def f(x):
-        out = roi_align([x], boxes, jnp.zeros(2, jnp.int32), (4,), 3, 2)
+        out = roi_align([x], boxes, jnp.zeros(2, jnp.int32), (4,), 3, 2, method=method)
         return jnp.sum(out * cot)
 
     grad = np.asarray(jax.jit(jax.grad(f))(jnp.asarray(feat)))
@@ -209,3 +219,18 @@ def test_grad_wrt_features_matches_finite_differences():
     fd = (np.asarray(fv(feat + basis)) - np.asarray(fv(feat - basis))) / (2 * eps)
     np.testing.assert_allclose(grad.reshape(-1), fd, atol=1e-4)
     assert np.abs(grad).max() > 1e-2
+
+
+def test_pool_method_by_size():
+    # The embedded dataset's pools (P2..P5 of a 128x128 image) take the matmuls for the mask
+    # (14x14) and boundary (28x28 from P2) grids, the gather for the 7x7 box grid; COCO's
+    # (800x1344) take the gather everywhere. Uncapped adaptive sampling is gather only.
+    small = [(32, 32), (16, 16), (8, 8), (4, 4)]
+    coco = [(200, 336), (100, 168), (50, 84), (25, 42)]
+    assert [pool_method(small, n, 2) for n in (7, 14)] == ["gather", "matmul"]
+    assert pool_method(small[:1], 28, 2) == "matmul"
+    assert [pool_method(coco, n, 2) for n in (7, 14)] == ["gather", "gather"]
+    assert pool_method(coco[:1], 28, 2) == "gather"
+    assert pool_method(small, 14, 0) == "gather" and pool_method(small, 14, 2, "gather") == "gather"
+    with pytest.raises(ValueError, match="method"):
+        pool_method(small, 14, 2, "dense")

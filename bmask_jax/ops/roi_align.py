@@ -1,10 +1,18 @@
 """Multilevel RoIAlign (detectron2's ROIPooler with ROIAlignV2) with static shapes.
 
-The pyramid levels are flattened into one [sum(H_l * W_l), C] table so every bilinear corner
-of every sample of every RoI, whatever its level, is one row gather: no per-level loop, no
-dynamic shapes. Bilinear interpolation follows torchvision's roi_align kernel exactly
-(aligned=True: half-pixel offset; samples further than one pixel outside the map count as
-zero; edges are clamped).
+Two formulations of the same arithmetic, chosen by size (`pool_method`):
+- "gather": the pyramid levels are flattened into one [sum(H_l * W_l), C] table so every
+  bilinear corner of every sample of every RoI, whatever its level, is one row gather: no
+  per-level loop, no dynamic shapes. Its cost grows with the RoIs' samples only, so it is the
+  one for large feature maps (COCO's P2 is 200x336).
+- "matmul": with a fixed number of samples per bin side, bilinear RoIAlign is separable: the
+  pooled grid of RoI r is A_y[r] @ F @ A_x[r]^T, where A_y [out, H] holds the summed row weights
+  of each bin's samples. Two matmuls per level, no gather and no scatter in either direction.
+  Its cost grows with the map's size, so it is the one for small maps (the embedded 128x128
+  dataset), where gathers and their scatter-add gradients cost 10x more than the matmuls.
+Bilinear interpolation follows torchvision's roi_align kernel exactly (aligned=True:
+half-pixel offset; samples further than one pixel outside the map count as zero; edges are
+clamped) in both.
 """
 from __future__ import annotations
 
@@ -80,9 +88,31 @@ def _weighted_gather_bwd(residual, cotangent):
 weighted_gather.defvjp(_weighted_gather_fwd, _weighted_gather_bwd)
 
 
+# "auto" takes the matmuls while their multiply-adds are at most this many times the gather's
+# weighted reads. Measured in the embedded config's BMask train step on 2 CPU cores: the 28x28
+# boundary pool (ratio 4.3) and the 14x14 mask pool (9.8) as matmuls took the step from 0.96
+# to 0.44 s; the 7x7 box pool of 512 RoIs (15.9) is faster as a gather (0.50 s as matmuls).
+MATMUL_COST_RATIO = 12.0
+
+
+def pool_method(feature_shapes: Sequence[tuple[int, int]], output_size: int, samples_per_side: int,
+                method: str = "auto") -> str:
+    """'gather' or 'matmul' for pooling output_size x output_size grids from maps of these
+    (H, W) sizes with samples_per_side^2 samples per bin (0: uncapped adaptive, gather only)."""
+    if method not in ("auto", "gather", "matmul"):
+        raise ValueError(f"RoIAlign method must be 'auto', 'gather' or 'matmul', got {method!r}")
+    if samples_per_side == 0:
+        return "gather"
+    if method != "auto":
+        return method
+    matmul = sum(output_size * h * w + output_size ** 2 * w for h, w in feature_shapes)
+    gather = 4 * samples_per_side ** 2 * output_size ** 2
+    return "matmul" if matmul <= MATMUL_COST_RATIO * gather else "gather"
+
+
 def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.ndarray,
               strides: Sequence[int], output_size: int, sampling_ratio: int = 2,
-              aligned: bool = True, max_adaptive_samples: int = 4) -> jnp.ndarray:
+              aligned: bool = True, max_adaptive_samples: int = 4, method: str = "auto") -> jnp.ndarray:
     """Pool a fixed-size feature grid for each box from its pyramid level.
 
     features: per level [H_l, W_l, C] (one image); boxes: [R, 4] (x1, y1, x2, y2) in image
@@ -92,8 +122,13 @@ def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.n
     for RoIs that need no more, which is every RoI no larger than that many bins' worth of
     pixels on its level; the rest are sampled with the cap). max_adaptive_samples=0: no cap,
     exactly torchvision's, in a loop whose length depends on the boxes (inference only).
+    method: "gather", "matmul" or "auto" (by the maps' size, `pool_method`); same results.
     Returns [R, output_size, output_size, C] in the features' dtype.
     """
+    samples = sampling_ratio if sampling_ratio > 0 else max_adaptive_samples
+    if pool_method([f.shape[:2] for f in features], output_size, samples, method) == "matmul":
+        return _separable_roi_align(features, boxes, levels, strides, output_size, sampling_ratio,
+                                    aligned, samples)
     channels = features[0].shape[-1]
     table = jnp.concatenate([f.reshape(-1, channels) for f in features])
     heights = np.array([f.shape[0] for f in features], np.float32)
@@ -106,24 +141,8 @@ def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.n
     offset = jnp.asarray(offsets)[levels]
     row_stride = width.astype(jnp.int32)
 
-    half = 0.5 if aligned else 0.0
-    boxes = boxes.astype(jnp.float32)
-    x1 = boxes[:, 0] * scale - half
-    y1 = boxes[:, 1] * scale - half
-    roi_w = boxes[:, 2] * scale - half - x1
-    roi_h = boxes[:, 3] * scale - half - y1
-    if not aligned:
-        roi_w = jnp.maximum(roi_w, 1.0)
-        roi_h = jnp.maximum(roi_h, 1.0)
-    bin_w = roi_w / output_size
-    bin_h = roi_h / output_size
-
-    if sampling_ratio > 0:
-        grid_h = grid_w = jnp.full(boxes.shape[:1], float(sampling_ratio))
-    else:
-        cap = max_adaptive_samples or np.inf
-        grid_h = jnp.clip(jnp.ceil(roi_h / output_size), 0, cap)
-        grid_w = jnp.clip(jnp.ceil(roi_w / output_size), 0, cap)
+    x1, y1, bin_w, bin_h, grid_w, grid_h = _roi_frame(boxes, scale, output_size, sampling_ratio, aligned,
+                                                     max_adaptive_samples)
     count = jnp.maximum(grid_h * grid_w, 1.0)
 
     def corners(sy, sx):
@@ -153,6 +172,55 @@ def roi_align(features: Sequence[jnp.ndarray], boxes: jnp.ndarray, levels: jnp.n
         out = jax.lax.fori_loop(0, rows * cols, lambda s, acc: acc + weighted_gather(
             table, *corners(s // cols, s % cols)), jnp.zeros((boxes.shape[0], output_size, output_size, channels)))
     return (out / count[:, None, None, None]).astype(features[0].dtype)
+
+
+def _roi_frame(boxes, scale, output_size, sampling_ratio, aligned, cap):
+    """Per RoI in a map's pixels: (x1, y1, bin_w, bin_h, grid_w, grid_h) as torchvision."""
+    half = 0.5 if aligned else 0.0
+    boxes = boxes.astype(jnp.float32)
+    x1 = boxes[:, 0] * scale - half
+    y1 = boxes[:, 1] * scale - half
+    roi_w = boxes[:, 2] * scale - half - x1
+    roi_h = boxes[:, 3] * scale - half - y1
+    if not aligned:
+        roi_w = jnp.maximum(roi_w, 1.0)
+        roi_h = jnp.maximum(roi_h, 1.0)
+    if sampling_ratio > 0:
+        grid_h = grid_w = jnp.full(boxes.shape[:1], float(sampling_ratio))
+    else:
+        cap = cap or np.inf
+        grid_h = jnp.clip(jnp.ceil(roi_h / output_size), 0, cap)
+        grid_w = jnp.clip(jnp.ceil(roi_w / output_size), 0, cap)
+    return x1, y1, roi_w / output_size, roi_h / output_size, grid_w, grid_h
+
+
+def _axis_weights(start, bin_size, grid, size: int, output_size: int, samples: int) -> jnp.ndarray:
+    """[R, output_size, size]: weight of each map row (or column) in each bin's average along
+    one axis: the bilinear weights of its samples summed, divided by the sample count."""
+    total = 0.0
+    full = jnp.full(start.shape, float(size))
+    for s in range(samples):
+        low, high, w_low, w_high, inside = _axis_samples(start, bin_size, output_size, grid, s, full)
+        used = (inside & (s < grid)[:, None]).astype(jnp.float32)
+        total = total + used[..., None] * (jax.nn.one_hot(low, size) * w_low[..., None]
+                                           + jax.nn.one_hot(high, size) * w_high[..., None])
+    return total / jnp.maximum(grid, 1.0)[:, None, None]
+
+
+def _separable_roi_align(features, boxes, levels, strides, output_size, sampling_ratio, aligned, samples):
+    """RoIAlign as A_y[r] @ F_l @ A_x[r]^T on each RoI's level l (see the module docstring).
+    Every level's matmuls run for every RoI, with the weights of RoIs on other levels zero."""
+    out = 0.0
+    for level, (feature, stride) in enumerate(zip(features, strides)):
+        h, w, c = feature.shape
+        x1, y1, bin_w, bin_h, grid_w, grid_h = _roi_frame(boxes, 1.0 / stride, output_size, sampling_ratio,
+                                                         aligned, samples)
+        on_level = (levels == level).astype(jnp.float32)[:, None, None]
+        a_y = _axis_weights(y1, bin_h, grid_h, h, output_size, samples) * on_level   # [R, out, H]
+        a_x = _axis_weights(x1, bin_w, grid_w, w, output_size, samples)              # [R, out, W]
+        rows = jnp.einsum("riy,yxc->rixc", a_y, feature.astype(jnp.float32))         # one [R*out, H] @ [H, W*C]
+        out = out + jnp.einsum("rixc,rjx->rijc", rows, a_x)
+    return out.astype(features[0].dtype)
 
 
 def bilinear_crop(image: jnp.ndarray, boxes: jnp.ndarray, output_size: int,
