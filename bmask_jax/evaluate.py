@@ -152,8 +152,6 @@ def format_metrics(metrics: dict) -> str:
     lines = [f"COCO evaluation on {metrics['num_images']} images ({metrics['num_detections']} detections)",
              f"{'':9s}{'AP':>7s}{'AP50':>7s}{'AP75':>7s}{'APs':>7s}{'APm':>7s}{'APl':>7s}"]
     for kind in IOU_TYPES:
-        if kind not in metrics:
-            continue
         m = metrics[kind]
         # pycocotools reports -1 for an area range with no objects.
         lines.append(f"{kind:9s}" + "".join(f"{100 * m[k]:7.1f}" if m[k] >= 0 else f"{'-':>7s}"

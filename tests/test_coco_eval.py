@@ -201,8 +201,9 @@ def test_boundary_ap_square_shifted_by_hand(shift, inter):
     _check_keys(boundary)
     assert boundary["AP"] == pytest.approx(_ap_of_one_match(boundary_iou), abs=1e-12)
     assert boundary["AP"] == pytest.approx({1: 0.5, 2: 0.1}[shift], abs=1e-12)
-    assert coco_evaluate(gt, det, "segm")["AP"] == pytest.approx(_ap_of_one_match(mask_iou), abs=1e-12)
-    assert coco_evaluate(gt, det, "segm")["AP"] == pytest.approx({1: 1.0, 2: 0.9}[shift], abs=1e-12)
+    mask_ap = coco_evaluate(gt, det, "segm")["AP"]
+    assert mask_ap == pytest.approx(_ap_of_one_match(mask_iou), abs=1e-12)
+    assert mask_ap == pytest.approx({1: 1.0, 2: 0.9}[shift], abs=1e-12)
     # per threshold: matched up to the boundary IoU, missed above it
     for key, ap in boundary["AP_per_iou"].items():
         assert ap == pytest.approx(1.0 if float(key) <= boundary_iou else 0.0, abs=1e-12)
