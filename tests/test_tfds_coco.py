@@ -142,6 +142,8 @@ def _normalized(gt: dict) -> dict:
             rle = coco.annToRLE(a)     # (pycocotools fails on polygons of < 3 points: compared as given)
             a["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode()
                                  if isinstance(rle["counts"], bytes) else rle["counts"]}
+    for a in gt["annotations"]:     # _prepare_gt numbers annotations in the order served: compare the source ids
+        a["id"] = a.pop("source_id")
     gt["annotations"].sort(key=lambda a: a["id"])
     gt["images"].sort(key=lambda im: im["id"])
     return gt
