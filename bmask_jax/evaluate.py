@@ -157,18 +157,3 @@ def format_metrics(metrics: dict) -> str:
         lines.append(f"{kind:9s}" + "".join(f"{100 * m[k]:7.1f}" if m[k] >= 0 else f"{'-':>7s}"
                                             for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
     return "\n".join(lines)
-
-
-def restore_variables(config, workdir: str) -> dict:
-    """Parameters of the latest checkpoint in workdir."""
-    from bmask_jax import checkpoints
-    from bmask_jax.train import create_train_state
-    model = BMaskRCNN(config.model)
-    state, _ = create_train_state(config, model, jax.random.PRNGKey(config.seed))
-    mgr = checkpoints.manager(workdir, config.train.keep_checkpoints, async_save=False)
-    restored = checkpoints.restore_latest(mgr, state)
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train first "
-                                "(--mode=train) or point --workdir at a trained run")
-    logging.info("restored step %d from %s", int(restored.step), mgr.directory)
-    return {"params": restored.params, "frozen": restored.frozen}

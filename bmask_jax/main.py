@@ -37,12 +37,13 @@ def main(argv):
         from bmask_jax.train import train_and_evaluate
         train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "evaluate":
-        from bmask_jax.evaluate import evaluate, restore_variables
+        from bmask_jax.evaluate import evaluate
+        from bmask_jax.state import restore_variables
         evaluate(config, FLAGS.workdir, restore_variables(config, FLAGS.workdir))
     else:
         from bmask_jax.data.pipeline import build_dataset
-        from bmask_jax.evaluate import restore_variables
         from bmask_jax.predict import predict
+        from bmask_jax.state import restore_variables
         class_names = build_dataset(config.data, config.data.eval_split).class_names
         out_dir = config.predict.output_dir or os.path.join(FLAGS.workdir, "predictions")
         path = predict(config, restore_variables(config, FLAGS.workdir), class_names, out_dir)

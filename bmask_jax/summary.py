@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.layers import Conv, Deconv2x
-from bmask_jax.train import dummy_batch
+from bmask_jax.state import dummy_batch
 
 
 def parameter_counts(config) -> dict[str, int]:

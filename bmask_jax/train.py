@@ -1,112 +1,24 @@
-"""Train state, optimizer, the jitted train step and the training loop."""
+"""The jitted train step and the training loop (the train state is in state.py, the optimizer in
+optim.py)."""
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import os
 import signal
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from bmask_jax import checkpoints, sharding
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
+from bmask_jax.optim import learning_rate_np
+from bmask_jax.state import TrainState, create_train_state
 
 MODEL_KEYS = ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid", "gt_masks")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jnp.ndarray
-    params: Any
-    frozen: Any            # FrozenBN scale/shift: constants, not trained
-    opt_state: Any
-    first_nonfinite_step: jnp.ndarray   # -1 until a step produced a non-finite loss or gradient
-    num_skipped: jnp.ndarray            # steps skipped because they were non-finite
-
-
-def learning_rate(train_cfg):
-    """detectron2's WarmupMultiStepLR: linear warmup from warmup_factor, x gamma at each step."""
-    t = train_cfg
-    steps = tuple(t.lr_steps)
-
-    def schedule(step):
-        step = jnp.asarray(step, jnp.float32)
-        alpha = jnp.minimum(step / max(t.warmup_iters, 1), 1.0)
-        warmup = jnp.where(step < t.warmup_iters, t.warmup_factor * (1 - alpha) + alpha, 1.0)
-        decays = sum(jnp.where(step >= s, 1, 0) for s in steps) if steps else 0
-        return t.base_lr * warmup * (t.lr_gamma ** decays)
-
-    return schedule
-
-
-def learning_rate_np(train_cfg, step: int) -> float:
-    """The same schedule on the host, for logging without a device round trip."""
-    t = train_cfg
-    alpha = min(step / max(t.warmup_iters, 1), 1.0)
-    warmup = t.warmup_factor * (1 - alpha) + alpha if step < t.warmup_iters else 1.0
-    return t.base_lr * warmup * t.lr_gamma ** bisect.bisect_right(sorted(t.lr_steps), step)
-
-
-def parameter_labels(params, model_cfg):
-    """'frozen' for the stem/res2 parameters that freeze_at freezes, 'norm' for normalisation
-    parameters (weight_decay_norm), 'default' for the rest."""
-    freeze_at = model_cfg.backbone.freeze_at
-    frozen_prefixes = (["stem_"] if freeze_at >= 1 else []) + (["res2_"] if freeze_at >= 2 else [])
-
-    def label(path, _):
-        names = [getattr(p, "key", str(p)) for p in path]
-        if names[0] == "backbone" and any(names[1].startswith(f) for f in frozen_prefixes):
-            return "frozen"
-        if any("norm" in n.lower() for n in names):
-            return "norm"
-        return "default"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def make_optimizer(config, params) -> optax.GradientTransformation:
-    """SGD with momentum and decoupled-by-group weight decay, as torch.optim.SGD in detectron2
-    (weight decay added to the gradient before momentum)."""
-    t = config.train
-    sgd = lambda wd: optax.chain(optax.add_decayed_weights(wd),  # noqa: E731
-                                 optax.sgd(learning_rate(t), momentum=t.momentum))
-    return optax.multi_transform(
-        {"default": sgd(t.weight_decay), "norm": sgd(t.weight_decay_norm), "frozen": optax.set_to_zero()},
-        parameter_labels(params, config.model))
-
-
-def dummy_batch(config, batch_size: int = 1) -> dict:
-    h, w = config.data.canvas_buckets[0]
-    g, m = config.data.max_instances, config.data.gt_mask_size
-    return {"image": np.zeros((batch_size, h, w, 3), np.uint8),
-            "image_hw": np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
-            "gt_boxes": np.tile(np.array([0, 0, 16, 16], np.float32), (batch_size, g, 1)),
-            "gt_classes": np.zeros((batch_size, g), np.int32),
-            "gt_valid": np.ones((batch_size, g), bool),
-            "gt_masks": np.full((batch_size, g, m, m), 255, np.uint8)}
-
-
-def init_variables(config, model: BMaskRCNN, rng: jax.Array) -> dict:
-    rng_params, rng_sampling = jax.random.split(rng)
-    return jax.jit(model.init)({"params": rng_params, "sampling": rng_sampling}, dummy_batch(config))
-
-
-def create_train_state(config, model: BMaskRCNN, rng: jax.Array) -> tuple[TrainState, optax.GradientTransformation]:
-    variables = init_variables(config, model, rng)
-    params = variables["params"]
-    tx = make_optimizer(config, params)
-    state = TrainState(step=jnp.array(0, jnp.int32), params=params, frozen=variables.get("frozen", {}),
-                       opt_state=tx.init(params), first_nonfinite_step=jnp.array(-1, jnp.int32),
-                       num_skipped=jnp.array(0, jnp.int32))
-    return state, tx
 
 
 def train_step(state: TrainState, batch: dict, model: BMaskRCNN, tx, seed: int, skip_nonfinite: bool):

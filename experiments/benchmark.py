@@ -43,7 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bmask_jax.evaluate import postprocess  # noqa: E402
 from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
 from bmask_jax.models.layers import FrozenBatchNorm  # noqa: E402
-from bmask_jax.train import MODEL_KEYS, create_train_state, dummy_batch, make_optimizer, train_step  # noqa: E402
+from bmask_jax.optim import make_optimizer  # noqa: E402
+from bmask_jax.state import create_train_state, dummy_batch  # noqa: E402
+from bmask_jax.train import MODEL_KEYS, train_step  # noqa: E402
 
 
 def dict_copy(config, **model_fields):

@@ -78,7 +78,8 @@ from benchmark import (
 from bmask_jax import sharding
 from bmask_jax.evaluate import postprocess
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.train import MODEL_KEYS, create_train_state, train_step
+from bmask_jax.state import create_train_state
+from bmask_jax.train import MODEL_KEYS, train_step
 
 MODELS = {"mask_rcnn": "configs/mask_rcnn.py", "bmask_rcnn": "configs/bmask_rcnn.py"}
 GIB = 2.0 ** 30

@@ -175,7 +175,7 @@ def test_evaluate_counts_annotation_id_zero(tmp_path, monkeypatch):
     import jax
     from bmask_jax import evaluate as evaluate_lib
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
-    from bmask_jax.train import init_variables
+    from bmask_jax.state import init_variables
 
     val_json = SyntheticShapes("val", num_images=3, image_size=(64, 64), max_instances=3).export_coco(
         str(tmp_path / "val"))

@@ -33,7 +33,8 @@ def worker(out_path: str, workdir: str) -> None:
     from bmask_jax.evaluate import evaluate
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
     from bmask_jax.predict import predict
-    from bmask_jax.train import MODEL_KEYS, create_train_state, jit_train_step
+    from bmask_jax.state import create_train_state
+    from bmask_jax.train import MODEL_KEYS, jit_train_step
 
     assert jax.device_count() == 4
     c = tiny_config()

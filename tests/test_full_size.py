@@ -7,7 +7,8 @@ import pytest
 
 from configs import bmask_rcnn
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.train import create_train_state, dummy_batch, train_step
+from bmask_jax.state import create_train_state, dummy_batch
+from bmask_jax.train import train_step
 
 
 @pytest.mark.parametrize("config_module", [bmask_rcnn])

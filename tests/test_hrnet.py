@@ -7,7 +7,9 @@ from helpers import first_batch, tiny_config
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.hrnet import HRNet, MultiResolutionFusion
-from bmask_jax.train import create_train_state, parameter_labels, train_step
+from bmask_jax.optim import parameter_labels
+from bmask_jax.state import create_train_state
+from bmask_jax.train import train_step
 
 TINY = {"stem_channels": 8, "stage1_channels": 4, "stage1_blocks": 1, "widths": (4, 8, 12, 16),
         "num_modules": (1, 1, 1), "num_blocks": (1, 1, 1)}

@@ -16,13 +16,14 @@ import pytest
 from helpers import first_batch, tiny_config
 
 from bmask_jax import losses
-from bmask_jax import train as train_lib
+from bmask_jax import state as state_lib
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.layers import Conv
 from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, SobelMaskHead, mask_iou_targets,
                                          mask_losses, max_pool_2x2, sobel_edges)
 from bmask_jax.ops.boundaries import boundary_targets
-from bmask_jax.train import dummy_batch, train_step
+from bmask_jax.state import dummy_batch
+from bmask_jax.train import train_step
 
 BASE_KEYS = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
 
@@ -79,7 +80,7 @@ def _compile(fn, *args):
 
 
 def _init_through_detect(config, model, rng):
-    """train.init_variables, but tracing the detect path: the same modules and parameters, a
+    """state.init_variables, but tracing the detect path: the same modules and parameters, a
     fraction of the compile time of the training forward."""
     rng_params, rng_sampling = jax.random.split(rng)
     dummy = dummy_batch(config)
@@ -92,8 +93,8 @@ def test_variant_trains_and_detects(name, batch, monkeypatch):
     head, overrides, extra_keys = VARIANTS[name]
     c = variant_config(head, overrides)
     model = BMaskRCNN(c.model)
-    monkeypatch.setattr(train_lib, "init_variables", _init_through_detect)
-    state, tx = train_lib.create_train_state(c, model, jax.random.PRNGKey(0))
+    monkeypatch.setattr(state_lib, "init_variables", _init_through_detect)
+    state, tx = state_lib.create_train_state(c, model, jax.random.PRNGKey(0))
     step = _compile(lambda s, b: train_step(s, b, model, tx, 0, False), state, batch)
     for _ in range(2):
         state, metrics = step(state, batch)

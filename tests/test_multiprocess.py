@@ -16,9 +16,9 @@ from helpers import tiny_config
 from test_data_parallel import assert_same_detections
 
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
-from bmask_jax.evaluate import evaluate, restore_variables
+from bmask_jax.evaluate import evaluate
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.train import create_train_state
+from bmask_jax.state import create_train_state, restore_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from bmask_jax.evaluate import restore_variables
+from bmask_jax.state import restore_variables
 from configs import bmask_rcnn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

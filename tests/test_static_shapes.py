@@ -8,7 +8,8 @@ import numpy as np
 
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.train import MODEL_KEYS, create_train_state, train_and_evaluate, train_step
+from bmask_jax.state import create_train_state
+from bmask_jax.train import MODEL_KEYS, train_and_evaluate, train_step
 from helpers import tiny_config
 
 

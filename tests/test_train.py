@@ -8,8 +8,9 @@ import pytest
 from bmask_jax import config as config_lib
 from helpers import first_batch, tiny_config
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.train import (create_train_state, learning_rate, learning_rate_np,
-                             parameter_labels, train_and_evaluate, train_step)
+from bmask_jax.optim import learning_rate, learning_rate_np, parameter_labels
+from bmask_jax.state import create_train_state
+from bmask_jax.train import train_and_evaluate, train_step
 
 
 def test_learning_rate_warmup_and_steps():

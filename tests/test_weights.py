@@ -1,4 +1,4 @@
-"""Weight import (bmask_jax/weights.py).
+"""Weight import (bmask_jax/weights/).
 
 PyTorch reference modules written like detectron2's (FrozenBatchNorm2d, Conv2d with a norm,
 BottleneckBlock, BasicStem, FPN) and torchvision's ResNet are built by hand with random
@@ -27,7 +27,7 @@ from bmask_jax.models.box_head import BoxHead, BoxPredictor
 from bmask_jax.models.fpn import FPN
 from bmask_jax.models.layers import Conv, Deconv2x, FrozenBatchNorm
 from bmask_jax.models.resnet import BottleneckBlock, ResNet
-from bmask_jax.train import create_train_state
+from bmask_jax.state import create_train_state, new_train_state
 
 try:
     import torch
@@ -657,7 +657,7 @@ D2_PIXELS = {"pixel_mean": np.array([103.53, 116.28, 123.675], np.float32).resha
 @pytest.mark.parametrize("head", ["bmask", "maskrcnn"])
 def test_new_train_state_without_init_has_create_train_state_structure(head):
     c = frozen_bn_config(head)
-    ours = weights.new_train_state(c, init=False)
+    ours = new_train_state(c, init=False)
     theirs = jax.eval_shape(lambda: create_train_state(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))[0])
     assert jax.tree_util.tree_structure(ours) == jax.tree_util.tree_structure(theirs)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
@@ -669,7 +669,7 @@ def test_new_train_state_without_init_has_create_train_state_structure(head):
 def test_whole_detectron2_checkpoint_fills_every_parameter(head):
     c = frozen_bn_config(head)
     ckpt = random_d2_checkpoint(c)
-    state = weights.new_train_state(c, init=False)
+    state = new_train_state(c, init=False)
     params, frozen, report = weights.convert({**ckpt, **D2_PIXELS}, jax.device_get(state.params),
                                              jax.device_get(state.frozen))
     assert report.kind == "detectron2" and not report.initialised_fresh
@@ -701,7 +701,7 @@ def test_whole_detectron2_checkpoint_fills_every_parameter(head):
 def test_errors_name_missing_unexpected_and_misshaped_keys():
     c = frozen_bn_config()
     ckpt = random_d2_checkpoint(c)
-    state = weights.new_train_state(c, init=False)
+    state = new_train_state(c, init=False)
     del ckpt["roi_heads.mask_head.boundary_fcn1.bias"]
     ckpt["roi_heads.mask_head.extra_conv.weight"] = np.zeros((3, 3, 1, 1), np.float32)
     ckpt["backbone.fpn_lateral3.weight"] = np.zeros((5, 64, 1, 1), np.float32)
@@ -715,7 +715,7 @@ def test_errors_name_missing_unexpected_and_misshaped_keys():
 
 def test_class_count_cascade_head_and_norm_mismatches_are_clear():
     c = frozen_bn_config()
-    state = weights.new_train_state(c, init=False)
+    state = new_train_state(c, init=False)
     params, frozen = jax.device_get(state.params), jax.device_get(state.frozen)
     other = frozen_bn_config()
     other.model.num_classes = 80
@@ -729,7 +729,7 @@ def test_class_count_cascade_head_and_norm_mismatches_are_clear():
     with pytest.raises(weights.WeightImportError, match="look like a detectron2 checkpoint, not msra"):
         weights.convert(random_d2_checkpoint(c), params, frozen, "msra")
     gn = tiny_config()                                      # GroupNorm backbone
-    gn_state = weights.new_train_state(gn, init=False)
+    gn_state = new_train_state(gn, init=False)
     with pytest.raises(weights.WeightImportError, match="model.backbone.norm='FrozenBN'"):
         weights.convert(random_d2_checkpoint(c), jax.device_get(gn_state.params), jax.device_get(gn_state.frozen))
 
@@ -738,7 +738,7 @@ def test_cascade_checkpoint_fills_cascade_stages():
     c = frozen_bn_config()
     c.model.roi_heads.cascade.enabled = True
     ckpt = random_d2_checkpoint(c)
-    state = weights.new_train_state(c, init=False)
+    state = new_train_state(c, init=False)
     params, _, report = weights.convert(ckpt, jax.device_get(state.params), jax.device_get(state.frozen))
     assert not report.initialised_fresh and sorted(report.loaded) == sorted(ckpt)
     chw = (c.model.fpn.channels, c.model.roi_heads.pooler_resolution, c.model.roi_heads.pooler_resolution)
@@ -753,7 +753,7 @@ def test_cascade_checkpoint_fills_cascade_stages():
 
 def test_backbone_import_keeps_the_rest_and_lists_it():
     c = frozen_bn_config()
-    state = weights.new_train_state(c, init=False)
+    state = new_train_state(c, init=False)
     params0, frozen0 = jax.device_get(state.params), jax.device_get(state.frozen)
     ckpt = random_d2_checkpoint(c)
     blobs = {"pred_w": np.zeros((10, 4), np.float32)}
@@ -782,7 +782,7 @@ def test_detectron2_checkpoint_detections_survive_orbax_round_trip(tmp_path):
     path = tmp_path / "model_final.pth"
     torch.save({"model": {k: torch.from_numpy(v) for k, v in dict(ckpt, **D2_PIXELS).items()},
                 "iteration": 90000, "__author__": "test"}, path)
-    state, report = weights.load_into_state(weights.new_train_state(c, init=False), str(path))
+    state, report = weights.load_into_state(new_train_state(c, init=False), str(path))
     assert not report.initialised_fresh and len(report.loaded) == len(ckpt)
     assert report.config_changes["model.input_format"] == "BGR"
     assert weights.apply_config_changes(c, report.config_changes)    # the shapes config was RGB
@@ -796,7 +796,7 @@ def test_detectron2_checkpoint_detections_survive_orbax_round_trip(tmp_path):
     mgr = checkpoints.manager(str(tmp_path / "run"), keep=1, async_save=False)
     checkpoints.save(mgr, 0, state, force=True)
     mgr.wait_until_finished()
-    restored = checkpoints.restore_latest(mgr, weights.new_train_state(c, init=False))
+    restored = checkpoints.restore_latest(mgr, new_train_state(c, init=False))
     after = jax.device_get(detect({"params": restored.params, "frozen": restored.frozen}, batch))
     assert set(before) == set(after)
     for key in before:
@@ -817,7 +817,7 @@ def test_import_command_writes_a_checkpoint_evaluate_can_restore(tmp_path):
     assert os.path.exists(out / "weights_import.json")
     mgr = checkpoints.manager(str(out), keep=1, async_save=False)
     assert mgr.latest_step() == 0
-    restored = checkpoints.restore_latest(mgr, weights.new_train_state(c, init=False))
+    restored = checkpoints.restore_latest(mgr, new_train_state(c, init=False))
     np.testing.assert_array_equal(restored.params["mask_head"]["mask_fcn1"]["Conv_0"]["kernel"],
                                   ckpt["roi_heads.mask_head.mask_fcn1.weight"].transpose(2, 3, 1, 0))
     with pytest.raises(FileExistsError):

@@ -19,7 +19,7 @@ at stride 4, then pool) there instead, which we do not implement.
 
 Widths, block and module counts are config fields (model.backbone.hrnet), so a narrow HRNet
 runs in tests. Parameter names: `stem_*`, `res2_<i>` (stage 1, named like the ResNet stage
-it is so that freezing and train.parameter_labels treat both backbones alike),
+it is so that freezing and optim.parameter_labels treat both backbones alike),
 `transition<t>_<branch>[_<k>]_{conv,norm}`, `stage<s>_<m>` (the modules).
 """
 from __future__ import annotations
@@ -106,7 +106,7 @@ class HRNet(nn.Module):
     num_modules / num_blocks: modules per stage and basic blocks per branch, stages 2, 3, 4.
     freeze_at: 0 trains everything (HRNet's detection configs), 1 freezes the stem (both 3x3
     convs), 2 the stem and stage 1 (the four bottleneck blocks). Gradients stop at the frozen
-    output; train.parameter_labels leaves the `stem_*` / `res2_*` parameters untouched.
+    output; optim.parameter_labels leaves the `stem_*` / `res2_*` parameters untouched.
     """
     stem_channels: int = 64
     stage1_channels: int = 64           # bottleneck width of stage 1; its output is 4x this

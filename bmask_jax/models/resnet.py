@@ -66,7 +66,7 @@ class ResNet(nn.Module):
 
     freeze_at: 0 trains everything, 1 freezes the stem, 2 the stem and res2 (detectron2's
     default with ImageNet weights). Gradients stop at the frozen output here; the optimizer
-    also leaves those parameters untouched (see train.parameter_labels).
+    also leaves those parameters untouched (see optim.parameter_labels).
     """
     depth: int = 50
     stem_channels: int = 64

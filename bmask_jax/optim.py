@@ -1,0 +1,59 @@
+"""The optimizer: detectron2's learning-rate schedule and SGD with per-group weight decay."""
+from __future__ import annotations
+
+import bisect
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate(train_cfg):
+    """detectron2's WarmupMultiStepLR: linear warmup from warmup_factor, x gamma at each step."""
+    t = train_cfg
+    steps = tuple(t.lr_steps)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        alpha = jnp.minimum(step / max(t.warmup_iters, 1), 1.0)
+        warmup = jnp.where(step < t.warmup_iters, t.warmup_factor * (1 - alpha) + alpha, 1.0)
+        decays = sum(jnp.where(step >= s, 1, 0) for s in steps) if steps else 0
+        return t.base_lr * warmup * (t.lr_gamma ** decays)
+
+    return schedule
+
+
+def learning_rate_np(train_cfg, step: int) -> float:
+    """The same schedule on the host, for logging without a device round trip."""
+    t = train_cfg
+    alpha = min(step / max(t.warmup_iters, 1), 1.0)
+    warmup = t.warmup_factor * (1 - alpha) + alpha if step < t.warmup_iters else 1.0
+    return t.base_lr * warmup * t.lr_gamma ** bisect.bisect_right(sorted(t.lr_steps), step)
+
+
+def parameter_labels(params, model_cfg):
+    """'frozen' for the stem/res2 parameters that freeze_at freezes, 'norm' for normalisation
+    parameters (weight_decay_norm), 'default' for the rest."""
+    freeze_at = model_cfg.backbone.freeze_at
+    frozen_prefixes = (["stem_"] if freeze_at >= 1 else []) + (["res2_"] if freeze_at >= 2 else [])
+
+    def label(path, _):
+        names = [getattr(p, "key", str(p)) for p in path]
+        if names[0] == "backbone" and any(names[1].startswith(f) for f in frozen_prefixes):
+            return "frozen"
+        if any("norm" in n.lower() for n in names):
+            return "norm"
+        return "default"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(config, params) -> optax.GradientTransformation:
+    """SGD with momentum and decoupled-by-group weight decay, as torch.optim.SGD in detectron2
+    (weight decay added to the gradient before momentum)."""
+    t = config.train
+    sgd = lambda wd: optax.chain(optax.add_decayed_weights(wd),  # noqa: E731
+                                 optax.sgd(learning_rate(t), momentum=t.momentum))
+    return optax.multi_transform(
+        {"default": sgd(t.weight_decay), "norm": sgd(t.weight_decay_norm), "frozen": optax.set_to_zero()},
+        parameter_labels(params, config.model))

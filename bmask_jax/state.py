@@ -1,0 +1,86 @@
+"""The model's train state: creating it (initialised, or with zero parameters for an import)
+and restoring it from a workdir's latest checkpoint. Below train, evaluate, predict and the
+weight import, which all build on it; it imports none of them."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bmask_jax.models.bmask_rcnn import BMaskRCNN
+from bmask_jax.optim import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    frozen: Any            # FrozenBN scale/shift: constants, not trained
+    opt_state: Any
+    first_nonfinite_step: jnp.ndarray   # -1 until a step produced a non-finite loss or gradient
+    num_skipped: jnp.ndarray            # steps skipped because they were non-finite
+
+
+def dummy_batch(config, batch_size: int = 1) -> dict:
+    h, w = config.data.canvas_buckets[0]
+    g, m = config.data.max_instances, config.data.gt_mask_size
+    return {"image": np.zeros((batch_size, h, w, 3), np.uint8),
+            "image_hw": np.tile(np.array([[h, w]], np.int32), (batch_size, 1)),
+            "gt_boxes": np.tile(np.array([0, 0, 16, 16], np.float32), (batch_size, g, 1)),
+            "gt_classes": np.zeros((batch_size, g), np.int32),
+            "gt_valid": np.ones((batch_size, g), bool),
+            "gt_masks": np.full((batch_size, g, m, m), 255, np.uint8)}
+
+
+def init_variables(config, model: BMaskRCNN, rng: jax.Array) -> dict:
+    rng_params, rng_sampling = jax.random.split(rng)
+    return jax.jit(model.init)({"params": rng_params, "sampling": rng_sampling}, dummy_batch(config))
+
+
+def create_train_state(config, model: BMaskRCNN, rng: jax.Array) -> tuple[TrainState, optax.GradientTransformation]:
+    variables = init_variables(config, model, rng)
+    params = variables["params"]
+    tx = make_optimizer(config, params)
+    state = TrainState(step=jnp.array(0, jnp.int32), params=params, frozen=variables.get("frozen", {}),
+                       opt_state=tx.init(params), first_nonfinite_step=jnp.array(-1, jnp.int32),
+                       num_skipped=jnp.array(0, jnp.int32))
+    return state, tx
+
+
+def new_train_state(config, rng=None, init: bool = True):
+    """A step-0 TrainState for config: initialised (init=True; compiled on a small
+    canvas, as the parameter shapes do not depend on it) or with zero parameters (init=False,
+    no compilation; for imports that replace every parameter)."""
+    rng = jax.random.PRNGKey(config.seed) if rng is None else rng
+    small = config.copy_and_resolve_references()
+    small.data.canvas_buckets = ((128, 128),)
+    model = BMaskRCNN(config.model)
+    if init:
+        return create_train_state(small, model, rng)[0]
+    abstract = jax.eval_shape(lambda: init_variables(small, model, rng))
+    variables = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+    params = variables["params"]
+    tx = make_optimizer(config, params)
+    return TrainState(step=jnp.array(0, jnp.int32), params=params, frozen=variables.get("frozen", {}),
+                      opt_state=tx.init(params), first_nonfinite_step=jnp.array(-1, jnp.int32),
+                      num_skipped=jnp.array(0, jnp.int32))
+
+
+def restore_variables(config, workdir: str) -> dict:
+    """Parameters of the latest checkpoint in workdir."""
+    from bmask_jax import checkpoints
+    model = BMaskRCNN(config.model)
+    state, _ = create_train_state(config, model, jax.random.PRNGKey(config.seed))
+    mgr = checkpoints.manager(workdir, config.train.keep_checkpoints, async_save=False)
+    restored = checkpoints.restore_latest(mgr, state)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}; train first "
+                                "(--mode=train) or point --workdir at a trained run")
+    logging.info("restored step %d from %s", int(restored.step), mgr.directory)
+    return {"params": restored.params, "frozen": restored.frozen}

@@ -1,0 +1,95 @@
+"""The name tables: which checkpoint module each of our layers comes from, per kind of
+checkpoint (detectron2, torchvision, MSRA), and the keys a kind may hold that we ignore."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from bmask_jax.weights.layers import Layer
+
+KINDS = ("detectron2", "msra", "torchvision")
+WHOLE_MODEL_KINDS = ("detectron2",)
+
+Rule = tuple[str, Any]   # (regex over our layer name, source module: template or callable on the match)
+
+# detectron2 module paths of our layers, first match wins (SPEC section 10). Cascade R-CNN's
+# stage s (CascadeROIHeads) is roi_heads.box_head.{s} / roi_heads.box_predictor.{s}: it maps
+# onto box_heads_{s} / box_predictors_{s} when the model has cascade stages.
+DETECTRON2_RULES: list[Rule] = [
+    (r"backbone/stem_conv1", "backbone.bottom_up.stem.conv1"),
+    (r"backbone/stem_norm", "backbone.bottom_up.stem.conv1.norm"),
+    (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)", r"backbone.bottom_up.res\1.\2.\3"),
+    (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)_norm", r"backbone.bottom_up.res\1.\2.\3.norm"),
+    (r"fpn/(fpn_lateral\d|fpn_output\d)", r"backbone.\1"),
+    (r"rpn_head/(conv|objectness_logits|anchor_deltas)", r"proposal_generator.rpn_head.\1"),
+    (r"box_head/(fc\d+)", r"roi_heads.box_head.\1"),
+    (r"box_predictor/(cls_score|bbox_pred)", r"roi_heads.box_predictor.\1"),
+    (r"box_heads_(\d+)/(fc\d+)", r"roi_heads.box_head.\1.\2"),
+    (r"box_predictors_(\d+)/(cls_score|bbox_pred)", r"roi_heads.box_predictor.\1.\2"),
+    # Mask R-CNN's head (MaskRCNNConvUpsampleHead): mask_fcn1..4, deconv, predictor.
+    (r"mask_head/MaskPredictor_0/mask_deconv", "roi_heads.mask_head.deconv"),
+    (r"mask_head/MaskPredictor_0/mask_predictor", "roi_heads.mask_head.predictor"),
+    # The boundary-preserving head: its mask and boundary predictors keep their names.
+    (r"mask_head/(?:mask|boundary)_branch/(\w+)", r"roi_heads.mask_head.\1"),
+    ((r"mask_head/(mask_fcn\d+|downsample|mask_to_boundary|boundary_fcn\d+|boundary_to_mask"
+      r"|mask_final_fusion)"), r"roi_heads.mask_head.\1"),
+]
+
+_BRANCH = "abc"
+TORCHVISION_RULES: list[Rule] = [
+    (r"backbone/stem_conv1", "conv1"),
+    (r"backbone/stem_norm", "bn1"),
+    (r"backbone/res(\d)_(\d+)/conv(\d)", lambda m: f"layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}"),
+    (r"backbone/res(\d)_(\d+)/conv(\d)_norm", lambda m: f"layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}"),
+    (r"backbone/res(\d)_(\d+)/shortcut", lambda m: f"layer{int(m[1]) - 1}.{m[2]}.downsample.0"),
+    (r"backbone/res(\d)_(\d+)/shortcut_norm", lambda m: f"layer{int(m[1]) - 1}.{m[2]}.downsample.1"),
+]
+
+MSRA_RULES: list[Rule] = [
+    (r"backbone/stem_conv1", "conv1"),
+    (r"backbone/stem_norm", "res_conv1_bn"),
+    (r"backbone/res(\d)_(\d+)/conv(\d)", lambda m: f"res{m[1]}_{m[2]}_branch2{_BRANCH[int(m[3]) - 1]}"),
+    (r"backbone/res(\d)_(\d+)/conv(\d)_norm", lambda m: f"res{m[1]}_{m[2]}_branch2{_BRANCH[int(m[3]) - 1]}_bn"),
+    (r"backbone/res(\d)_(\d+)/shortcut", r"res\1_\2_branch1"),
+    (r"backbone/res(\d)_(\d+)/shortcut_norm", r"res\1_\2_branch1_bn"),
+]
+
+RULES = {"detectron2": DETECTRON2_RULES, "torchvision": TORCHVISION_RULES, "msra": MSRA_RULES}
+
+# Source keys a kind may hold that have no place in our model: reported, not an error.
+IGNORED = {
+    "detectron2": [r"pixel_mean", r"pixel_std", r".*num_batches_tracked",
+                   r"proposal_generator\.anchor_generator\..*"],
+    "torchvision": [r"fc\.(weight|bias)", r".*num_batches_tracked"],
+    "msra": [r"pred_[wb]", r"fc1000_[wb]", r".*_momentum"],
+}
+
+# Layers whose input is the flattened RoI feature map: (C, H, W) in detectron2, (H, W, C) here.
+FLATTENED_ROI_INPUT = r"box_head/fc1|box_heads_\d+/fc1"
+CASCADE_KEY = r"roi_heads\.(box_head|box_predictor)\.\d+\..*"
+CLS_SCORE = r"box_predictors?(_\d+)?/cls_score"
+
+
+def source_module(layer: Layer, rules: list[Rule]) -> str | None:
+    for pattern, target in rules:
+        m = re.fullmatch(pattern, layer.name)
+        if m:
+            return target(m) if callable(target) else m.expand(target)
+    return None
+
+
+def source_keys(kind: str, layer: Layer, module: str) -> dict[str, str]:
+    """The checkpoint keys of one layer, by role (weight, bias, running_mean, ...)."""
+    if kind == "msra":
+        if layer.kind == "frozen_bn":
+            return {"scale": f"{module}_s", "shift": f"{module}_b"}
+        roles = {"weight": f"{module}_w"}
+        if "bias" in layer.leaves:
+            roles["bias"] = f"{module}_b"
+        return roles
+    if layer.kind == "frozen_bn":
+        return {r: f"{module}.{r}" for r in ("weight", "bias", "running_mean", "running_var")}
+    roles = {"weight": f"{module}.weight"}
+    if "bias" in layer.leaves or layer.kind == "group_norm":
+        roles["bias"] = f"{module}.bias"
+    return roles
