@@ -25,6 +25,7 @@ setup(
         "tqdm",
         "tensorboardX",
         "absl-py",
+        "flatbuffers",                     # jax.export serialization (python -m bmask_jax.export)
     ],
     extras_require={
         "torch": ["torch==2.13.0"],          # only to write reference checkpoints in tests

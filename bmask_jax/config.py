@@ -120,7 +120,10 @@ def base() -> ml_collections.ConfigDict:
     e.num_images = -1                        # -1: the whole split
     e.mask_threshold = 0.5
     e.num_pictures = 8                       # val images drawn into workdir/pictures
-    c.predict = ml_collections.ConfigDict(dict(inputs="", output_dir="", score_threshold=0.5))
+    # predict: image files and folders (comma-separated) -> pictures and predictions.json;
+    # pictures of images smaller than min_picture_size are drawn enlarged (evaluation's too).
+    c.predict = ml_collections.ConfigDict(dict(inputs="", output_dir="", score_threshold=0.5,
+                                               min_picture_size=512))
     return c
 
 

@@ -12,7 +12,8 @@ from bmask_jax import sharding
 from bmask_jax.coco_eval import IOU_TYPES, coco_evaluate, plot_ap_vs_iou
 from bmask_jax.data.pipeline import build_dataset, eval_batches
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.ops.masks import masks_to_rle, paste_masks
+from bmask_jax.ops.masks import masks_to_rle
+from bmask_jax.postprocess import postprocess
 from bmask_jax.visualize import draw_instances, save_image
 
 DETECT_KEYS = ("image", "image_hw")
@@ -35,24 +36,6 @@ def global_eval_batch(batch_size: int, mesh) -> int:
     every process gets the same number of images."""
     n = mesh.devices.size
     return -(-batch_size // n) * n
-
-
-def postprocess(det: dict, i: int, scale, orig_hw, mask_threshold: float, boundaries: bool = True) -> dict:
-    """Detections of image i of a batch in original-image pixels, masks pasted at full size.
-    Returns boxes [N, 4], scores, classes, masks [N, H, W] bool, and the predicted boundaries
-    pasted the same way if the model gives them and `boundaries` asks for them (else None)."""
-    valid = det["valid"][i]
-    sy, sx = float(scale[0]), float(scale[1])
-    boxes = det["boxes"][i][valid] / np.array([sx, sy, sx, sy], np.float32)
-    hw = (int(orig_hw[0]), int(orig_hw[1]))
-    out = {"boxes": boxes, "scores": det["scores"][i][valid], "classes": det["classes"][i][valid],
-           "masks": paste_masks(det["mask_probs"][i][valid], boxes, hw, mask_threshold),
-           "boundaries": None, "box_scores": None}
-    if "box_scores" in det:
-        out["box_scores"] = det["box_scores"][i][valid]
-    if boundaries and "boundary_probs" in det:
-        out["boundaries"] = paste_masks(det["boundary_probs"][i][valid], boxes, hw, 0.5)
-    return out
 
 
 def to_coco_results(image_id: int, inst: dict, category_ids) -> list[dict]:
@@ -104,7 +87,8 @@ def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
                 pictures.append(image_id)
                 image = dataset[dataset_index(dataset, image_id)]["image"]
                 drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
-                                       dataset.class_names, inst["boundaries"], config.predict.score_threshold)
+                                       dataset.class_names, inst["boundaries"], config.predict.score_threshold,
+                                       config.predict.min_picture_size)
                 save_image(os.path.join(pic_dir, f"{image_id:06d}.png"), drawn)
     results = sharding.gather_to_main(results)
     if not is_main:

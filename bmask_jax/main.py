@@ -41,14 +41,16 @@ def main(argv):
         from bmask_jax.state import restore_variables
         evaluate(config, FLAGS.workdir, restore_variables(config, FLAGS.workdir))
     else:
-        from bmask_jax.data.pipeline import build_dataset
-        from bmask_jax.predict import predict
-        from bmask_jax.state import restore_variables
-        class_names = build_dataset(config.data, config.data.eval_split).class_names
+        from bmask_jax.predict import FAILURES_FILE, predict
         out_dir = config.predict.output_dir or os.path.join(FLAGS.workdir, "predictions")
-        path = predict(config, restore_variables(config, FLAGS.workdir), class_names, out_dir)
+        path, failures = predict(config, FLAGS.workdir, out_dir)
         if path:
             print(f"wrote pictures and {path}")
+        if failures:
+            # Listed last, where they are seen; the exit status tells scripts.
+            sys.exit(f"could not read {len(failures)} image(s), skipped (also in "
+                     f"{os.path.join(out_dir, FAILURES_FILE)}):\n"
+                     + "\n".join(f"  {f['file']}: {f['error']}" for f in failures))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,24 +1,28 @@
-"""Predict on image files: PNGs with masks, boxes, labels and boundaries, plus COCO results."""
+"""--mode predict: image files -> pictures (masks, boxes, labels, boundaries) and COCO-format
+predictions.json, through the Predictor. Files that cannot be read are reported and skipped;
+the rest are still predicted and written."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
-import numpy as np
-from PIL import Image
 
 from bmask_jax import sharding
 from bmask_jax.data.images import load_rgb
-from bmask_jax.data.pipeline import eval_batches
-from bmask_jax.evaluate import DETECT_KEYS, global_eval_batch, make_detector, postprocess, to_coco_results
+from bmask_jax.evaluate import to_coco_results
+from bmask_jax.predictor import Predictor
 from bmask_jax.visualize import draw_instances, save_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+FAILURES_FILE = "failed_images.json"
 
 
 def list_images(inputs: str) -> list[str]:
-    """Image paths from a comma-separated list of files and folders."""
+    """Image paths from a comma-separated list of files and folders. A named file is taken
+    whatever its extension (and reported later if it is not an image); folders contribute
+    their files with an image extension. A name that does not exist is an error."""
     paths = []
     for item in [p for p in inputs.split(",") if p]:
         if os.path.isdir(item):
@@ -33,78 +37,49 @@ def list_images(inputs: str) -> list[str]:
     return paths
 
 
-class ImageFiles:
-    """Image files as a dataset for eval_batches: example i is {"image", "image_id": i + 1}.
-    The images decoded for the current batch are kept for drawing (`decoded`), so that each
-    file is decoded once; `forget` drops them after the batch."""
+def predict(config, workdir: str, output_dir: str, predictor: Predictor | None = None) -> tuple[str | None, list]:
+    """Predict on config.predict.inputs: <name>.png per image and predictions.json (COCO
+    results with "file_name"; image_id is the file's position in the input list + 1).
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
-        self._decoded: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict:
-        image = self._decoded[i] = load_rgb(self.paths[i])
-        return {"image": image, "image_id": i + 1}
-
-    def decoded(self, i: int) -> np.ndarray:
-        return self._decoded[i] if i in self._decoded else load_rgb(self.paths[i])
-
-    def forget(self) -> None:
-        self._decoded.clear()
-
-    def sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of every image as load_rgb returns it, from the file headers (EXIF
-        orientations 5-8 turn the image by 90 degrees)."""
-        out = []
-        for path in self.paths:
-            try:
-                with Image.open(path) as im:
-                    w, h = im.size
-                    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            except OSError:
-                h, w = load_rgb(path).shape[:2]        # raises ValueError naming the path
-                turned = False
-            out.append((w, h) if turned else (h, w))
-        return out
-
-
-def predict(config, variables: dict, class_names, output_dir: str, mesh=None) -> str | None:
-    """Run on config.predict.inputs; write <name>.png per image and predictions.json.
-
-    Data parallel like evaluation: batches of different images (eval.batch_size, rounded up to
-    the device count) over every device of every process; each process draws its own images
-    and process 0 writes predictions.json (and returns its path; the others return None)."""
-    mesh = mesh or sharding.make_mesh()
+    Multi-host: each process predicts every process_count-th file on its own devices and draws
+    its pictures; process 0 gathers and writes the JSON files. Returns (path of
+    predictions.json or None on other processes, the failures: [{"file", "error"}] of every
+    process). Unreadable files are skipped, listed in failed_images.json and returned."""
+    predictor = predictor or Predictor(config, workdir, score_threshold=config.predict.score_threshold)
     os.makedirs(output_dir, exist_ok=True)
-    detect = make_detector(config, mesh)
-    variables = sharding.put_replicated(variables, mesh)
-    files = ImageFiles(list_images(config.predict.inputs))
-    results = []
-    batches = eval_batches(files, config.data, global_eval_batch(config.eval.batch_size, mesh), -1,
-                           jax.process_index(), jax.process_count(), files.sizes())
-    for batch in batches:
-        det = sharding.local_rows(detect(variables, sharding.global_batch(
-            {k: batch[k] for k in DETECT_KEYS}, mesh)), mesh)
-        for i in np.nonzero(batch["is_real"])[0]:
-            image_id = int(batch["image_id"][i])
-            path = files.paths[image_id - 1]
-            inst = postprocess(det, i, batch["scale"][i], batch["orig_hw"][i], config.eval.mask_threshold)
-            keep = inst["scores"] >= config.predict.score_threshold
-            inst = {k: (v[keep] if v is not None else None) for k, v in inst.items()}
-            for r in to_coco_results(image_id, inst, list(range(1, len(class_names) + 1))):
-                results.append(dict(r, file_name=os.path.basename(path)))
-            drawn = draw_instances(files.decoded(image_id - 1), inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
-                                   class_names, inst["boundaries"])
-            save_image(os.path.join(output_dir, os.path.splitext(os.path.basename(path))[0] + ".png"), drawn)
-        files.forget()
+    paths = list_images(config.predict.inputs)
+    mine = list(range(jax.process_index(), len(paths), jax.process_count()))
+    results, failures = [], []
+    step = 4 * predictor.batch_size          # files decoded at a time: bounded memory, full batches
+    for start in range(0, len(mine), step):
+        readable, images = [], []
+        for k in mine[start:start + step]:
+            try:
+                images.append(load_rgb(paths[k]))
+                readable.append(k)
+            except ValueError as e:                # load_rgb names the file
+                logging.error("skipped: %s", e)
+                failures.append({"file": paths[k], "error": str(e)})
+        for k, image, inst in zip(readable, images, predictor.predict_arrays(images)):
+            name = os.path.basename(paths[k])
+            for r in to_coco_results(k + 1, inst, predictor.category_ids):
+                results.append(dict(r, file_name=name))
+            drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
+                                   predictor.class_names, inst.get("boundaries"),
+                                   min_size=config.predict.min_picture_size)
+            save_image(os.path.join(output_dir, os.path.splitext(name)[0] + ".png"), drawn)
     results = sharding.gather_to_main(results)
+    failures = sharding.gather_to_main(failures)
     if results is None:
-        return None
+        return None, []
     results.sort(key=lambda r: r["image_id"])
     out = os.path.join(output_dir, "predictions.json")
     with open(out, "w") as f:
         json.dump(results, f)
-    return out
+    failed = os.path.join(output_dir, FAILURES_FILE)
+    if failures:
+        with open(failed, "w") as f:
+            json.dump(failures, f, indent=1)
+    elif os.path.exists(failed):
+        os.remove(failed)                  # from an earlier run into the same folder
+    return out, failures

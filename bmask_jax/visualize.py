@@ -56,6 +56,7 @@ def draw_instances(
     class_names: Sequence[str],
     boundaries: np.ndarray | None = None,
     score_threshold: float = 0.0,
+    min_size: int = 0,
 ) -> np.ndarray:
     """Draw instances on a copy of `image`.
 
@@ -65,7 +66,10 @@ def draw_instances(
     Draws, in order: semi-transparent mask fills (a deterministic distinct colour per instance),
     box outlines, boundary pixels (opaque, bright complementary colour), then the labels
     "name 0.93" with a filled background at each box's top-left (above the box when there is
-    room). Instances with score < score_threshold are skipped. Returns a new uint8 [H, W, 3].
+    room). Instances with score < score_threshold are skipped. Returns a new uint8 [H, W, 3],
+    or, when the image's longer side is below min_size, [k H, k W, 3] with the smallest
+    integer k that reaches it: the image, masks and boundaries enlarged pixel by pixel
+    (nearest), so that the labels and boundaries of a small image can be read.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -79,6 +83,13 @@ def draw_instances(
     for name, arr in (("masks", masks), ("boundaries", boundaries)):
         if arr is not None and np.asarray(arr).shape != (n, h, w):
             raise ValueError(f"{name} must be [{n}, {h}, {w}], got {np.asarray(arr).shape}")
+
+    if 0 < max(h, w) < min_size:
+        k = -(-min_size // max(h, w))
+        grow = lambda a: None if a is None else np.repeat(np.repeat(np.asarray(a), k, -2), k, -1)  # noqa: E731
+        image = np.repeat(np.repeat(image, k, 0), k, 1)
+        masks, boundaries, boxes = grow(masks), grow(boundaries), boxes * k
+        h, w = image.shape[:2]
 
     keep = [i for i in range(n) if scores is None or scores[i] >= score_threshold]
     colors = {i: _instance_color(i) for i in keep}

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bmask_jax.evaluate import postprocess  # noqa: E402
+from bmask_jax.postprocess import postprocess  # noqa: E402
 from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
 from bmask_jax.models.layers import FrozenBatchNorm  # noqa: E402
 from bmask_jax.optim import make_optimizer  # noqa: E402

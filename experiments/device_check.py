@@ -22,7 +22,7 @@ What it measures:
                experiments/benchmark.py) and the device's peak_bytes_in_use so far. That peak
                never resets, so the stages run from the smallest batch up.
   inference    batch 1 on one device, score threshold 0 so that random weights still give 100
-               detections: ms/image with mask pasting (bmask_jax.evaluate.postprocess, on the
+               detections: ms/image with mask pasting (bmask_jax.postprocess.postprocess, on the
                host as evaluation does it) and ms on the device alone.
   torchvision  the same canvas and per-chip batch with frozen BN, bf16 autocast and
                cudnn.benchmark, in a subprocess so that its CUDA libraries and allocator stay
@@ -76,7 +76,7 @@ from benchmark import (
 )
 
 from bmask_jax import sharding
-from bmask_jax.evaluate import postprocess
+from bmask_jax.postprocess import postprocess
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.state import create_train_state
 from bmask_jax.train import MODEL_KEYS, train_step

@@ -33,6 +33,7 @@ def worker(out_path: str, workdir: str) -> None:
     from bmask_jax.evaluate import evaluate
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
     from bmask_jax.predict import predict
+    from bmask_jax.predictor import Predictor
     from bmask_jax.state import create_train_state
     from bmask_jax.train import MODEL_KEYS, jit_train_step
 
@@ -86,7 +87,9 @@ def worker(out_path: str, workdir: str) -> None:
     for n, mesh in meshes.items():
         result[f"metrics_{n}"] = evaluate(c, os.path.join(workdir, f"eval{n}"), variables, mesh)
         result[f"detections_{n}"] = json.load(open(os.path.join(workdir, f"eval{n}", "detections.json")))
-        path = predict(c, variables, SyntheticShapes("val", 1).class_names, os.path.join(workdir, f"pred{n}"), mesh)
+        predictor = Predictor(c, variables=variables, class_names=SyntheticShapes("val", 1).class_names,
+                              score_threshold=0.0, devices=mesh.devices.ravel())
+        path, _ = predict(c, None, os.path.join(workdir, f"pred{n}"), predictor)
         result[f"predictions_{n}"] = json.load(open(path))
     with open(out_path, "w") as f:
         json.dump(result, f)

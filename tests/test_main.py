@@ -38,9 +38,10 @@ def test_train_evaluate_predict_end_to_end(tmp_path):
         Image.fromarray(SyntheticShapes("val", num_images=2, image_size=(64, 64))[i]["image"]).save(images / f"{i}.png")
     c.predict.inputs = str(images)
     c.predict.score_threshold = 0.0
-    out = predict(c, restore_variables(c, workdir), SyntheticShapes("val", 1).class_names, str(tmp_path / "pred"))
+    out, failures = predict(c, workdir, str(tmp_path / "pred"))
+    assert failures == []
     assert sorted(os.listdir(tmp_path / "pred")) == ["0.png", "1.png", "predictions.json"]
     preds = json.load(open(out))
     assert all(p["file_name"] in ("0.png", "1.png") for p in preds)
     drawn = np.asarray(Image.open(tmp_path / "pred" / "0.png"))
-    assert drawn.shape == (64, 64, 3)
+    assert drawn.shape == (512, 512, 3)             # 64 px drawn 8x, readable

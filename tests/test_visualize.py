@@ -87,3 +87,23 @@ def test_no_scores_no_masks_boxes_and_labels(tmp_path):
     save_image(path, out)
     with Image.open(path) as im:
         np.testing.assert_array_equal(np.asarray(im), out)
+
+
+def test_small_images_are_drawn_upscaled():
+    image, boxes, classes, scores, masks, boundaries = _scene()
+    out = draw_instances(image, boxes, classes, scores, masks, NAMES, boundaries, min_size=512)
+    assert out.shape == (512, 512, 3)                         # 128 px x 4
+    # away from instances, every pixel is the input pixel repeated 4 x 4
+    np.testing.assert_array_equal(out[400:, 420:], np.repeat(np.repeat(image[100:, 105:], 4, 0), 4, 1))
+    # mask 0's left boundary column (x = 15) becomes columns 60..63, all boundary-coloured
+    edge = out[32 * 4:52 * 4, 15 * 4:16 * 4].reshape(-1, 3)
+    assert (edge == edge[0]).all() and (edge[0] != image[40, 15]).any()
+    # the label text is drawn at the upscaled image's font size, not the 128 px one
+    small = draw_instances(image, boxes, classes, scores, masks, NAMES, boundaries)
+    big_label = (out[:80 * 4, :] != np.repeat(np.repeat(small[:80], 4, 0), 4, 1)).any(-1)
+    assert big_label.any()
+    # 100 x 300: k = 2 (600 >= 512); large images are left as they are
+    wide = np.zeros((100, 300, 3), np.uint8)
+    assert draw_instances(wide, np.zeros((0, 4)), [], None, None, NAMES, min_size=512).shape == (200, 600, 3)
+    assert draw_instances(np.zeros((600, 80, 3), np.uint8), np.zeros((0, 4)), [], None, None, NAMES,
+                          min_size=512).shape == (600, 80, 3)

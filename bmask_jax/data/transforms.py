@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
 
 def resize_shortest_edge(hw: tuple[int, int], short: int, max_size: int) -> tuple[int, int]:
@@ -18,10 +17,61 @@ def resize_shortest_edge(hw: tuple[int, int], short: int, max_size: int) -> tupl
 
 
 def resize_image(image: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an RGB uint8 image."""
+    """Bilinear resize of an RGB uint8 image (Pillow's, antialiased when shrinking)."""
     if image.shape[:2] == tuple(new_hw):
         return image
+    from PIL import Image     # here, so that serving.py can use this module without Pillow
     return np.asarray(Image.fromarray(image).resize((new_hw[1], new_hw[0]), Image.BILINEAR))
+
+
+# Pillow's fixed-point resampling (libImaging/Resample.c): coefficients scaled by 2**22.
+_PRECISION_BITS = 32 - 8 - 2
+
+
+def _pillow_bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """First source index [out] and fixed-point weights [out, taps] of Pillow's bilinear
+    filter (precompute_coeffs + normalize_coeffs_8bpc): a triangle stretched by the scale
+    when shrinking, normalised per output pixel, rounded to integers."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = filterscale                      # the bilinear filter's support is 1
+    taps = int(np.ceil(support)) * 2 + 1
+    center = (np.arange(out_size) + 0.5) * scale
+    first = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)     # C's (int) cast
+    count = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), in_size) - first
+    k = np.arange(taps)
+    w = np.maximum(1.0 - np.abs((k[None] + first[:, None] - center[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    w = np.where(k[None] < count[:, None], w, 0.0)
+    total = w.sum(1, keepdims=True)
+    w = np.where(total != 0, w / np.where(total != 0, total, 1.0), w)
+    fixed = np.trunc(np.where(w < 0, -0.5, 0.5) + w * (1 << _PRECISION_BITS)).astype(np.int64)
+    return first, fixed
+
+
+def _pillow_pass(image: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+    """One separable pass of Pillow's 8-bit resampling along `axis` (0 rows, 1 columns)."""
+    first, fixed = _pillow_bilinear_taps(image.shape[axis], out_size)
+    # Weights of a row sum to 2**22, so the sums fit in int32 (255 * 2**22 < 2**31).
+    src = image.astype(np.int32)
+    acc = np.full(src.shape[:axis] + (out_size,) + src.shape[axis + 1:], 1 << (_PRECISION_BITS - 1), np.int32)
+    shape = (1,) * axis + (out_size,) + (1,) * (image.ndim - axis - 1)
+    for t in range(fixed.shape[1]):
+        index = np.minimum(first + t, image.shape[axis] - 1)
+        acc += np.take(src, index, axis=axis) * fixed[:, t].astype(np.int32).reshape(shape)
+    return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
+
+
+def resize_image_numpy(image: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+    """resize_image in numpy alone, bit for bit: Pillow's bilinear resampling in its own
+    fixed-point arithmetic, columns first, then rows (tests/test_serving.py checks it
+    against Pillow). For serving without Pillow; the input pipeline keeps Pillow's C."""
+    image = np.asarray(image, np.uint8)
+    h, w = image.shape[:2]
+    if w != new_hw[1]:
+        image = _pillow_pass(image, new_hw[1], 1)
+    if h != new_hw[0]:
+        image = _pillow_pass(image, new_hw[0], 0)
+    return image
 
 
 def choose_canvas(hw: tuple[int, int], buckets: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -62,19 +112,20 @@ def crop_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.n
 
 
 def prepare_example(example: dict, short_side: int, max_size: int, buckets, flip: bool,
-                    max_instances: int, gt_mask_size: int, with_gt: bool = True) -> dict:
+                    max_instances: int, gt_mask_size: int, with_gt: bool = True, resize=resize_image) -> dict:
     """One dataset example -> fixed-shape arrays for the model.
 
     example: image [H, W, 3] uint8, and for training boxes [N, 4], classes [N], masks
     [N, H, W], iscrowd [N] (optional). Crowd instances and boxes that are empty after
     resizing are not trained on; beyond max_instances the largest are kept and
-    `num_dropped` counts the rest, so the caller can report them.
+    `num_dropped` counts the rest, so the caller can report them. resize: the image resize
+    (serving passes resize_image_numpy, the same resize without Pillow).
     """
     image = example["image"]
     h, w = image.shape[:2]
     new_hw = resize_shortest_edge((h, w), short_side, max_size)
     canvas_hw = choose_canvas(new_hw, buckets)
-    resized = resize_image(image, new_hw)
+    resized = resize(image, new_hw)
     if flip:
         resized = resized[:, ::-1]
     canvas = np.zeros((*canvas_hw, 3), np.uint8)

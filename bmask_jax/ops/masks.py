@@ -15,7 +15,6 @@ clipped to the image) is computed; everything else is 0.
 from __future__ import annotations
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 # Smallest box side used when dividing (detectron2 divides by the raw side length).
 _MIN_BOX_SIDE = 1e-6
@@ -120,6 +119,7 @@ def masks_to_rle(masks: np.ndarray) -> list[dict]:
         raise ValueError(f"masks must be [N, H, W], got shape {masks.shape}")
     if masks.shape[0] == 0:
         return []
+    from pycocotools import mask as mask_utils     # here: serving.py pastes masks without pycocotools
     rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     out = []
     for rle in rles:

@@ -1,0 +1,175 @@
+"""Export a trained (or imported) model for serving.
+
+    python -m bmask_jax.export --config configs/bmask_rcnn.py:shapes --workdir runs/shapes_bmask \\
+        --output exported/shapes_bmask [--platforms cpu,cuda] [--format jax|saved_model]
+
+--format jax (default) writes, into --output:
+    model_<H>x<W>.jax   the detector on one canvas bucket, serialized with jax.export: inputs
+                        (variables, image uint8 [B, H, W, 3], image_hw int32 [B, 2]), the batch
+                        size B symbolic (any B works), lowered for each of --platforms;
+    weights.npz         the variables, one array per "params/..." / "frozen/..." path;
+    serving.json        what serving needs to prepare images and read the detections: canvas
+                        buckets, resize sizes, mask threshold, class names and category ids.
+`bmask_jax.serving.ExportedModel(DIR)` runs it with jax and numpy alone.
+
+--format saved_model writes a TensorFlow SavedModel through jax2tf (TensorFlow must be
+installed; it is not a dependency of bmask_jax): one signature per canvas bucket,
+"bucket_<H>x<W>" (the first is also "serving_default"), taking image uint8 [B, H, W, 3]
+and image_hw int32 [B, 2], with the variables as tf.Variables.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import export
+
+from bmask_jax.models.bmask_rcnn import BMaskRCNN
+from bmask_jax.predictor import config_for_workdir, dataset_labels
+from bmask_jax.state import restore_variables
+
+from bmask_jax.serving import SERVING_FILE
+WEIGHTS_FILE = "weights.npz"
+FORMAT_VERSION = 1
+
+
+def model_file(canvas_hw) -> str:
+    return f"model_{int(canvas_hw[0])}x{int(canvas_hw[1])}.jax"
+
+
+def detector_function(config):
+    """(variables, image, image_hw) -> the model's detections on the canvas, with XLA's own
+    conv kernels: the CPU routes (models/cpu_kernels.py) serve training gradients on this
+    machine's backend, while an export is for any platform and any batch size."""
+    config = config.copy_and_resolve_references()
+    config.model.kernels = "xla"
+    model = BMaskRCNN(config.model)
+    return lambda variables, image, image_hw: model.apply(  # noqa: E731
+        variables, {"image": image, "image_hw": image_hw}, train=False)
+
+
+def flatten_variables(variables: dict) -> dict[str, np.ndarray]:
+    """{"params": {"a": {"b": x}}} -> {"params/a/b": x} (numpy), in jax's leaf order."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        flat["/".join(str(getattr(p, "key", p)) for p in path)] = np.asarray(leaf)
+    return flat
+
+
+def serving_metadata(config, class_names, category_ids, platforms, boundaries: bool) -> dict:
+    d = config.data
+    return {"format": "jax.export", "version": FORMAT_VERSION, "jax_version": jax.__version__,
+            "platforms": list(platforms), "canvas_buckets": [list(b) for b in d.canvas_buckets],
+            "models": {f"{b[0]}x{b[1]}": model_file(b) for b in d.canvas_buckets},
+            "weights": WEIGHTS_FILE, "test_short_side": int(d.test_short_side), "max_size": int(d.max_size),
+            "mask_threshold": float(config.eval.mask_threshold), "class_names": list(class_names),
+            "category_ids": [int(i) for i in category_ids], "boundaries": boundaries,
+            "mask_head": config.model.mask_head.name}
+
+
+def export_model(config, output: str, workdir: str | None = None, variables: dict | None = None,
+                 platforms=None, class_names=None) -> dict:
+    """Write the jax.export artifacts of `config`'s model (weights from workdir's latest
+    checkpoint, or `variables`) into `output`; returns the serving metadata. The files go to a
+    temporary folder first and are moved in only when all are written: an interrupted export
+    leaves no partial model behind."""
+    if workdir:
+        config = config_for_workdir(config, workdir)
+        variables = restore_variables(config, workdir) if variables is None else variables
+    if variables is None:
+        raise ValueError("export_model: give a workdir or variables")
+    if class_names is None:
+        class_names, category_ids = dataset_labels(config)
+    else:
+        category_ids = list(range(1, len(class_names) + 1))
+    platforms = tuple(platforms or (jax.default_backend(),))
+    variables = jax.device_get(variables)
+    fn = jax.jit(detector_function(config))
+    spec = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), variables)
+    batch, = export.symbolic_shape("batch")
+    os.makedirs(output, exist_ok=True)
+    if os.path.exists(os.path.join(output, SERVING_FILE)):
+        raise FileExistsError(f"{output} already holds an exported model ({SERVING_FILE}); choose an empty --output")
+    boundaries = False
+    with tempfile.TemporaryDirectory(dir=output) as tmp:
+        for h, w in config.data.canvas_buckets:
+            exported = export.export(fn, platforms=platforms)(
+                spec, jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8), jax.ShapeDtypeStruct((batch, 2), jnp.int32))
+            boundaries = "boundary_probs" in exported.out_tree.unflatten(list(range(exported.out_tree.num_leaves)))
+            with open(os.path.join(tmp, model_file((h, w))), "wb") as f:
+                f.write(exported.serialize())
+        flat = flatten_variables(variables)
+        np.savez(os.path.join(tmp, WEIGHTS_FILE), **flat)
+        meta = serving_metadata(config, class_names, category_ids, platforms, boundaries)
+        meta["variables"] = list(flat)         # the artifacts' leaf order
+        with open(os.path.join(tmp, SERVING_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+        # serving.json last: its presence marks a complete export.
+        for name in sorted(os.listdir(tmp), key=lambda n: n == SERVING_FILE):
+            os.replace(os.path.join(tmp, name), os.path.join(output, name))
+    return meta
+
+
+def export_saved_model(config, output: str, workdir: str | None = None, variables: dict | None = None) -> None:
+    """A TensorFlow SavedModel of the detector through jax2tf (needs TensorFlow)."""
+    try:
+        import tensorflow as tf
+        from jax.experimental import jax2tf
+    except ImportError as e:
+        raise ImportError("--format saved_model needs TensorFlow (pip install tensorflow-cpu); "
+                          "bmask_jax does not depend on it") from e
+    if workdir:
+        config = config_for_workdir(config, workdir)
+        variables = restore_variables(config, workdir) if variables is None else variables
+    fn = detector_function(config)
+    module = tf.Module()
+    module.variables_tree = tf.nest.map_structure(tf.Variable, jax.device_get(variables))
+    tf_fn = jax2tf.convert(fn, polymorphic_shapes=[None, "(b, ...)", "(b, ...)"], with_gradient=False)
+    signatures = {}
+    for h, w in config.data.canvas_buckets:
+        f = tf.function(lambda image, image_hw: tf_fn(module.variables_tree, image, image_hw), autograph=False,
+                        input_signature=[tf.TensorSpec((None, h, w, 3), tf.uint8, name="image"),
+                                         tf.TensorSpec((None, 2), tf.int32, name="image_hw")])
+        setattr(module, f"bucket_{h}x{w}", f)
+        signatures[f"bucket_{h}x{w}"] = f.get_concrete_function()
+    signatures["serving_default"] = next(iter(signatures.values()))
+    tf.saved_model.save(module, output, signatures=signatures)
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:variant.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Training or weight-import workdir (its latest checkpoint).")
+    flags.DEFINE_string("output", None, "Empty directory to write the exported model to.")
+    flags.DEFINE_enum("format", "jax", ["jax", "saved_model"], "jax.export artifacts, or a TF SavedModel.")
+    flags.DEFINE_list("platforms", None, "Platforms to lower for (jax format), e.g. cpu,cuda,tpu; "
+                      "default: this machine's.")
+    flags.mark_flags_as_required(["config", "workdir", "output"])
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    f = flags.FLAGS
+    if f.format == "saved_model":
+        export_saved_model(f.config, f.output, f.workdir)
+        print(f"wrote a SavedModel to {f.output}")
+        return
+    meta = export_model(f.config, f.output, f.workdir, platforms=f.platforms)
+    print(f"wrote {len(meta['models'])} model(s) ({', '.join(meta['models'])}) for {', '.join(meta['platforms'])} "
+          f"and {WEIGHTS_FILE} to {f.output}; load them with bmask_jax.serving.ExportedModel({f.output!r})")
+
+
+if __name__ == "__main__":
+    from absl import app
+    _define_flags()
+    sys.exit(app.run(main))
