@@ -99,8 +99,10 @@ def base() -> ml_collections.ConfigDict:
     # ---- training ----
     t = c.train = ml_collections.ConfigDict()
     t.batch_size = 16                        # global, over all devices and hosts
+    t.optimizer = "sgd"                      # "sgd" (detectron2's) | "adamw"
     t.base_lr = 0.02
-    t.momentum = 0.9
+    t.momentum = 0.9                         # sgd
+    t.adam_betas = (0.9, 0.999)              # adamw
     t.weight_decay = 1e-4
     t.weight_decay_norm = 0.0
     t.warmup_iters = 1000
@@ -162,10 +164,14 @@ def shapes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     m.mask_scoring.update(conv_dim=32, fc_dim=256)
     t = c.train
     t.batch_size = 8
-    t.base_lr = 0.02
-    t.warmup_iters = 100
-    t.max_iter = 800
-    t.lr_steps = (600, 750)
+    # AdamW trains this from-scratch model in 480 steps to the mask AP that detectron2's SGD
+    # (lr 0.02) reached in 800 (README): a first run in under 5 minutes on 2 CPU cores.
+    t.optimizer = "adamw"
+    t.base_lr = 0.002
+    t.weight_decay = 0.05
+    t.warmup_iters = 50
+    t.max_iter = 480
+    t.lr_steps = (400, 460)
     t.log_every = 20
     t.checkpoint_every = 500
     c.eval.batch_size = 8
@@ -187,8 +193,8 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.fpn.channels = 32
     c.model.mask_head.conv_dim = 16
     c.model.mask_scoring.update(conv_dim=16, fc_dim=64)
-    c.train.update(batch_size=2, warmup_iters=5, base_lr=0.02, log_every=2, checkpoint_every=3,
-                   lr_steps=(100,), max_iter=20)
+    c.train.update(optimizer="sgd", weight_decay=1e-4, batch_size=2, warmup_iters=5, base_lr=0.02, log_every=2,
+                   checkpoint_every=3, lr_steps=(100,), max_iter=20)
     c.eval.update(batch_size=2, num_pictures=2)
     return c
 

@@ -1,4 +1,5 @@
-"""The optimizer: detectron2's learning-rate schedule and SGD with per-group weight decay."""
+"""The optimizer: detectron2's learning-rate schedule; SGD (detectron2's) or AdamW, with
+per-group weight decay."""
 from __future__ import annotations
 
 import bisect
@@ -48,12 +49,28 @@ def parameter_labels(params, model_cfg):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def make_optimizer(config, params) -> optax.GradientTransformation:
-    """SGD with momentum and decoupled-by-group weight decay, as torch.optim.SGD in detectron2
-    (weight decay added to the gradient before momentum)."""
+    """train.optimizer over the parameter groups of parameter_labels ('default': weight_decay,
+    'norm': weight_decay_norm, 'frozen': not updated), on learning_rate's schedule:
+
+    sgd    detectron2's (the paper's): torch.optim.SGD with momentum, the weight decay added
+           to the gradient before momentum;
+    adamw  torch.optim.AdamW: Adam with decoupled weight decay (p -= lr * wd * p), betas
+           train.adam_betas. The embedded default trains its from-scratch model with it: it
+           reaches in 480 steps the mask AP that SGD needed 800 for (README).
+    """
     t = config.train
-    sgd = lambda wd: optax.chain(optax.add_decayed_weights(wd),  # noqa: E731
-                                 optax.sgd(learning_rate(t), momentum=t.momentum))
+    if t.optimizer == "sgd":
+        group = lambda wd: optax.chain(optax.add_decayed_weights(wd),  # noqa: E731
+                                       optax.sgd(learning_rate(t), momentum=t.momentum))
+    elif t.optimizer == "adamw":
+        b1, b2 = t.adam_betas
+        group = lambda wd: optax.adamw(learning_rate(t), b1=b1, b2=b2, eps=1e-8, weight_decay=wd)  # noqa: E731
+    else:
+        raise ValueError(f"train.optimizer={t.optimizer!r}: choose one of {OPTIMIZERS}")
     return optax.multi_transform(
-        {"default": sgd(t.weight_decay), "norm": sgd(t.weight_decay_norm), "frozen": optax.set_to_zero()},
+        {"default": group(t.weight_decay), "norm": group(t.weight_decay_norm), "frozen": optax.set_to_zero()},
         parameter_labels(params, config.model))

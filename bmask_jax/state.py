@@ -84,3 +84,23 @@ def restore_variables(config, workdir: str) -> dict:
                                 "(--mode=train) or point --workdir at a trained run")
     logging.info("restored step %d from %s", int(restored.step), mgr.directory)
     return {"params": restored.params, "frozen": restored.frozen}
+
+
+def random_variables(config, seed: int = 0) -> dict:
+    """He-normal kernels (box and anchor deltas 1000x smaller, as detectron2 initialises
+    them, so that boxes stay in the image), zero biases, identity FrozenBN for config's model,
+    drawn in numpy from the parameter shapes: no compiled initialisation, for tests and
+    benchmarks of full-size models."""
+    abstract = jax.eval_shape(lambda: init_variables(config, BMaskRCNN(config.model), jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        keys = [str(getattr(p, "key", p)) for p in path]
+        name = keys[-1]
+        if len(leaf.shape) >= 2:
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            small = any(n in keys for n in ("bbox_pred", "anchor_deltas"))
+            return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in) * (1e-3 if small else 1)).astype(leaf.dtype)
+        return np.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)

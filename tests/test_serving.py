@@ -16,10 +16,9 @@ from bmask_jax import config as config_lib
 from bmask_jax.data.synthetic import CLASS_NAMES
 from bmask_jax.data.transforms import resize_image, resize_image_numpy
 from bmask_jax.export import SERVING_FILE, export_model, export_saved_model
-from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.predictor import Predictor
 from bmask_jax.serving import ExportedModel
-from bmask_jax.state import init_variables
+from bmask_jax.state import random_variables
 from test_predictor import assert_same_instances, images, predictor_config, workdir  # noqa: F401 (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,25 +83,6 @@ print('LOADED', loaded)
         export_model(predictor_config(), str(out), workdir)
     with pytest.raises(FileNotFoundError, match="serving.json"):
         ExportedModel(str(tmp_path))
-
-
-def random_variables(config, seed: int = 0) -> dict:
-    """He-normal kernels (box and anchor deltas 1000x smaller, as detectron2 initialises
-    them, so that boxes stay in the image), zero biases, identity FrozenBN for config's model,
-    drawn in numpy from the parameter shapes (no compiled initialisation)."""
-    abstract = jax.eval_shape(lambda: init_variables(config, BMaskRCNN(config.model), jax.random.PRNGKey(0)))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        keys = [str(getattr(p, "key", p)) for p in path]
-        name = keys[-1]
-        if len(leaf.shape) >= 2:
-            fan_in = int(np.prod(leaf.shape[:-1]))
-            small = any(n in keys for n in ("bbox_pred", "anchor_deltas"))
-            return (rng.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in) * (1e-3 if small else 1)).astype(leaf.dtype)
-        return np.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def test_r50_fpn_exported_matches_predictor(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from bmask_jax import config as config_lib
 from helpers import first_batch, tiny_config
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.optim import learning_rate, learning_rate_np, parameter_labels
+from bmask_jax.optim import learning_rate, learning_rate_np, make_optimizer, parameter_labels
 from bmask_jax.state import create_train_state
 from bmask_jax.train import train_and_evaluate, train_step
 
@@ -36,6 +36,58 @@ def test_parameter_labels_freeze_and_norm():
     assert labels["backbone"]["res3_0"]["conv1_norm"]["GroupNorm_0"]["scale"] == "norm"
     assert labels["backbone"]["res3_0"]["conv1"]["kernel"] == "default"
     assert labels["box_head"]["fc1"]["kernel"] == "default"
+
+
+def _adamw_numpy(p, grads, lr, wd, b1=0.9, b2=0.999, eps=1e-8):
+    """torch.optim.AdamW, written out: decoupled decay, then the bias-corrected Adam step."""
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t, g in enumerate(grads, 1):
+        p = p - lr[t - 1] * wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p = p - lr[t - 1] * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+    return p
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizers_against_torch_semantics(name):
+    """Three steps on the three groups: 'default' decays by weight_decay, 'norm' by
+    weight_decay_norm, 'frozen' never moves; against SGD / AdamW written out in numpy."""
+    c = config_lib.base()
+    c.model.backbone.freeze_at = 1
+    c.train.update(optimizer=name, base_lr=0.1, warmup_iters=2, warmup_factor=0.5, lr_steps=(2,), lr_gamma=0.1,
+                   weight_decay=0.05, weight_decay_norm=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    normal = lambda: rng.normal(size=3).astype(np.float32)  # noqa: E731
+    params = {"backbone": {"stem_conv1": {"kernel": normal()}},
+              "box_head": {"fc1": {"kernel": normal()}, "fc1_norm": {"scale": normal()}}}
+    grads = [jax.tree_util.tree_map(lambda _: normal(), params) for _ in range(3)]
+    tx = make_optimizer(c, params)
+    state, p = tx.init(params), params
+    for g in grads:
+        updates, state = tx.update(g, state, p)
+        p = jax.tree_util.tree_map(lambda a, u: a + u, p, updates)
+    lr = [learning_rate_np(c.train, k) for k in range(3)]         # 0.05, 0.075, 0.01
+    np.testing.assert_allclose(lr, [0.05, 0.075, 0.01], rtol=1e-6)
+
+    def expected(p0, key, wd):
+        gs = [g["box_head"][key]["kernel" if key == "fc1" else "scale"] for g in grads]
+        if name == "adamw":
+            return _adamw_numpy(p0, gs, lr, wd)
+        buf = np.zeros_like(p0)
+        for k, g in enumerate(gs):                 # torch.optim.SGD: decay into the gradient, then momentum
+            buf = 0.9 * buf + (g + wd * p0) if k else g + wd * p0
+            p0 = p0 - lr[k] * buf
+        return p0
+
+    np.testing.assert_allclose(p["box_head"]["fc1"]["kernel"],
+                               expected(params["box_head"]["fc1"]["kernel"], "fc1", 0.05), rtol=1e-5)
+    np.testing.assert_allclose(p["box_head"]["fc1_norm"]["scale"],
+                               expected(params["box_head"]["fc1_norm"]["scale"], "fc1_norm", 0.01), rtol=1e-5)
+    np.testing.assert_array_equal(p["backbone"]["stem_conv1"]["kernel"], params["backbone"]["stem_conv1"]["kernel"])
+    c.train.optimizer = "adam"
+    with pytest.raises(ValueError, match="train.optimizer='adam'"):
+        make_optimizer(c, params)
 
 
 def test_frozen_parameters_do_not_move():
