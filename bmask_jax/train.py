@@ -2,7 +2,6 @@
 optim.py)."""
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ import optax
 from bmask_jax import checkpoints, sharding
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.optim import learning_rate_np, make_optimizer
+from bmask_jax.optim import learning_rate_np
 from bmask_jax.state import TrainState, create_train_state
 
 MODEL_KEYS = ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid", "gt_masks")
@@ -89,31 +88,6 @@ def _check_finite(state: TrainState, losses: dict | None, skip: bool) -> None:
             "to skip such steps instead.")
 
 
-def compile_ahead(config, mesh, step_fn, abstract_state, batch) -> concurrent.futures.Future | None:
-    """Compile the train step for `batch`'s shapes and, if evaluation follows training, the
-    detector on each canvas bucket, in background threads while the parameters are initialised
-    or restored. XLA compiles outside the GIL, so these overlap instead of queueing (~20 s of a
-    first run of the embedded default on 2 CPU cores). The programs land in the persistent
-    compilation cache, where the first real calls find them; without that cache this would
-    only compile twice, so it does nothing. Returns the train step's future (None if skipped);
-    the detectors compile on while training starts."""
-    if not jax.config.jax_compilation_cache_dir or batch is None:
-        return None
-    from bmask_jax.evaluate import global_eval_batch, make_detector
-    pool = concurrent.futures.ThreadPoolExecutor(2)
-    train = pool.submit(lambda: step_fn.lower(abstract_state, batch).compile())
-    if config.train.eval_at_end:
-        detect = make_detector(config, mesh)
-        variables = {"params": abstract_state.params, "frozen": abstract_state.frozen}
-        n = global_eval_batch(config.eval.batch_size, mesh)
-        for h, w in config.data.canvas_buckets:
-            images = {"image": jax.ShapeDtypeStruct((n, h, w, 3), jnp.uint8),
-                      "image_hw": jax.ShapeDtypeStruct((n, 2), jnp.int32)}
-            pool.submit(lambda images=images: detect.lower(variables, images).compile())
-    pool.shutdown(wait=False)
-    return train
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train (resuming from workdir if it holds a checkpoint), then evaluate if configured."""
     r = config.model.roi_heads
@@ -125,18 +99,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh = sharding.make_mesh()
     is_main = jax.process_index() == 0
     model = BMaskRCNN(config.model)
-    rng = jax.random.PRNGKey(config.seed)
+    state, tx = create_train_state(config, model, jax.random.PRNGKey(config.seed))
+    mgr = checkpoints.manager(workdir, config.train.keep_checkpoints)
+    restored = checkpoints.restore_latest(mgr, state)
+    if restored is not None:
+        state = restored
+        logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
+    state = jax.device_put(state, sharding.replicated(mesh))
+
     t = config.train
-    mgr = checkpoints.manager(workdir, t.keep_checkpoints)
-    start = mgr.latest_step() or 0
-    abstract_state = jax.eval_shape(lambda: create_train_state(config, model, rng)[0])
-    tx = make_optimizer(config, abstract_state.params)
     step_fn = jit_train_step(config, model, tx, mesh)
 
     dataset = build_dataset(config.data, config.data.train_split)
     loader = TrainBatches(dataset, config.data, t.batch_size, config.seed, jax.process_index(),
                           jax.process_count(), config.data.num_workers)
+    writer = _metric_writer(workdir) if is_main else None
+    # Which images each step trained on (this process's share): the record that a resumed
+    # run replays the same data in the same order, and where to look when a step goes wrong.
+    image_log = open(os.path.join(workdir, "image_order.jsonl"), "a", buffering=1) if is_main else None
+    preempt = _Preemption()
+    start = int(state.step)
+    progress = _progress(start, t.max_iter, is_main)
+    last_time, last_step = time.time(), start
+    metrics = None
     canvases: set[tuple[int, int]] = set()
+    run_start = time.time()
 
     def to_devices(step: int) -> tuple[dict, list[int]]:
         local = loader.batch(step)
@@ -144,28 +131,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         canvases.add(tuple(local["image"].shape[1:3]))
         return sharding.global_batch({k: local[k] for k in MODEL_KEYS}, mesh), local["image_id"].tolist()
 
-    batch, image_ids = to_devices(start) if start < t.max_iter else (None, None)
-    train_compiled = compile_ahead(config, mesh, step_fn, abstract_state, batch)
-    state = create_train_state(config, model, rng)[0]
-    restored = checkpoints.restore_latest(mgr, state)
-    if restored is not None:
-        state = restored
-        logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
-    state = jax.device_put(state, sharding.replicated(mesh))
-    if train_compiled is not None:
-        concurrent.futures.wait([train_compiled])   # then the first step loads it from the cache
-
-    writer = _metric_writer(workdir) if is_main else None
-    # Which images each step trained on (this process's share): the record that a resumed
-    # run replays the same data in the same order, and where to look when a step goes wrong.
-    image_log = open(os.path.join(workdir, "image_order.jsonl"), "a", buffering=1) if is_main else None
-    preempt = _Preemption()
-    progress = _progress(start, t.max_iter, is_main)
-    last_time, last_step = time.time(), start
-    metrics = None
-    run_start = time.time()
-
     try:
+        batch, image_ids = to_devices(start) if start < t.max_iter else (None, None)
         for step in range(start, t.max_iter):
             state, metrics = step_fn(state, batch)
             if is_main:
