@@ -15,10 +15,11 @@
 --format saved_model writes a TensorFlow SavedModel through jax2tf (TensorFlow must be
 installed; it is not a dependency of bmask_jax): one signature per canvas bucket,
 "bucket_<H>x<W>" (the first is also "serving_default"), taking image uint8 [B, H, W, 3]
-and image_hw int32 [B, 2], with the variables as tf.Variables.
+and image_hw int32 [B, 2] with B = --batch_size (default 1), the variables as tf.Variables.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -115,8 +116,11 @@ def export_model(config, output: str, workdir: str | None = None, variables: dic
     return meta
 
 
-def export_saved_model(config, output: str, workdir: str | None = None, variables: dict | None = None) -> None:
-    """A TensorFlow SavedModel of the detector through jax2tf (needs TensorFlow)."""
+def export_saved_model(config, output: str, workdir: str | None = None, variables: dict | None = None,
+                       batch_size: int = 1) -> None:
+    """A TensorFlow SavedModel of the detector through jax2tf (needs TensorFlow), for batches
+    of batch_size images: TensorFlow's XlaCallModule (2.21) fails to refine this model's
+    batch-polymorphic shapes ("Module has dynamic shapes"), so the batch is fixed."""
     try:
         import tensorflow as tf
         from jax.experimental import jax2tf
@@ -129,16 +133,38 @@ def export_saved_model(config, output: str, workdir: str | None = None, variable
     fn = detector_function(config)
     module = tf.Module()
     module.variables_tree = tf.nest.map_structure(tf.Variable, jax.device_get(variables))
-    tf_fn = jax2tf.convert(fn, polymorphic_shapes=[None, "(b, ...)", "(b, ...)"], with_gradient=False)
+    tf_fn = jax2tf.convert(fn, with_gradient=False)
     signatures = {}
     for h, w in config.data.canvas_buckets:
         f = tf.function(lambda image, image_hw: tf_fn(module.variables_tree, image, image_hw), autograph=False,
-                        input_signature=[tf.TensorSpec((None, h, w, 3), tf.uint8, name="image"),
-                                         tf.TensorSpec((None, 2), tf.int32, name="image_hw")])
+                        input_signature=[tf.TensorSpec((batch_size, h, w, 3), tf.uint8, name="image"),
+                                         tf.TensorSpec((batch_size, 2), tf.int32, name="image_hw")])
         setattr(module, f"bucket_{h}x{w}", f)
-        signatures[f"bucket_{h}x{w}"] = f.get_concrete_function()
+        signatures[f"bucket_{h}x{w}"] = f
     signatures["serving_default"] = next(iter(signatures.values()))
-    tf.saved_model.save(module, output, signatures=signatures)
+    with _stablehlo_for_older_consumers():      # jax2tf serializes as the functions are traced
+        signatures = {k: f.get_concrete_function() for k, f in signatures.items()}
+        tf.saved_model.save(module, output, signatures=signatures)
+
+
+@contextlib.contextmanager
+def _stablehlo_for_older_consumers():
+    """Serialize StableHLO for consumers up to 12 weeks older than this jax, not jax's default
+    4: TensorFlow releases trail JAX's, and TF 2.21's XlaCallModule cannot read the ops that
+    jax 0.10's default target writes (vhlo.composite_v2, from lax.top_k). Uses jax's private
+    export module; where that has moved, the default target is kept."""
+    from jax._src.export import _export
+    hlo = getattr(_export, "hlo", None)
+    requirement = getattr(getattr(hlo, "StablehloCompatibilityRequirement", None), "WEEK_12", None)
+    if requirement is None:
+        yield
+        return
+    original = hlo.get_version_from_compatibility_requirement
+    hlo.get_version_from_compatibility_requirement = lambda _: original(requirement)
+    try:
+        yield
+    finally:
+        hlo.get_version_from_compatibility_requirement = original
 
 
 def _define_flags():
@@ -149,6 +175,8 @@ def _define_flags():
     flags.DEFINE_string("workdir", None, "Training or weight-import workdir (its latest checkpoint).")
     flags.DEFINE_string("output", None, "Empty directory to write the exported model to.")
     flags.DEFINE_enum("format", "jax", ["jax", "saved_model"], "jax.export artifacts, or a TF SavedModel.")
+    flags.DEFINE_integer("batch_size", 1, "Images per call of a SavedModel signature (saved_model format; "
+                         "the jax format takes any batch size).")
     flags.DEFINE_list("platforms", None, "Platforms to lower for (jax format), e.g. cpu,cuda,tpu; "
                       "default: this machine's.")
     flags.mark_flags_as_required(["config", "workdir", "output"])
@@ -161,7 +189,7 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
     if f.format == "saved_model":
-        export_saved_model(f.config, f.output, f.workdir)
+        export_saved_model(f.config, f.output, f.workdir, batch_size=f.batch_size)
         print(f"wrote a SavedModel to {f.output}")
         return
     meta = export_model(f.config, f.output, f.workdir, platforms=f.platforms)

@@ -120,5 +120,6 @@ def test_saved_model_export(workdir, tmp_path):  # noqa: F811
                                             image_hw=tf.constant(ex["image_hw"][None]))
     ref = jax.device_get(p._detect(p.variables, {"image": np.repeat(ex["image"][None], 2, 0),
                                                  "image_hw": np.repeat(ex["image_hw"][None], 2, 0)}))
+    assert set(loaded.signatures) == {"serving_default", "bucket_32x64", "bucket_64x32", "bucket_64x64"}
     np.testing.assert_allclose(out["scores"].numpy()[0], ref["scores"][0], atol=1e-5)
     np.testing.assert_allclose(out["boxes"].numpy()[0], ref["boxes"][0], atol=1e-3)
