@@ -50,7 +50,7 @@ def main(argv):
             # Listed last, where they are seen; the exit status tells scripts.
             sys.exit(f"could not read {len(failures)} image(s), skipped (also in "
                      f"{os.path.join(out_dir, FAILURES_FILE)}):\n"
-                     + "\n".join(f"  {f['file']}: {f['error']}" for f in failures))
+                     + "\n".join(f"  {f['error']}" for f in failures))      # the error names the file
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -29,5 +29,7 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
                 arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
                 return np.repeat(arr[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"))
+    except Image.UnidentifiedImageError as e:     # its message names a BytesIO, not the file
+        raise ValueError(f"cannot read image {name}: not an image format Pillow can read") from e
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {name}: {e}") from e
