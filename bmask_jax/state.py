@@ -44,7 +44,11 @@ def init_variables(config, model: BMaskRCNN, rng: jax.Array) -> dict:
 
 
 def create_train_state(config, model: BMaskRCNN, rng: jax.Array) -> tuple[TrainState, optax.GradientTransformation]:
-    variables = init_variables(config, model, rng)
+    return step_zero_state(config, init_variables(config, model, rng))
+
+
+def step_zero_state(config, variables: dict) -> tuple[TrainState, optax.GradientTransformation]:
+    """The step-0 TrainState holding `variables`, and the optimizer for them."""
     params = variables["params"]
     tx = make_optimizer(config, params)
     state = TrainState(step=jnp.array(0, jnp.int32), params=params, frozen=variables.get("frozen", {}),
@@ -64,12 +68,7 @@ def new_train_state(config, rng=None, init: bool = True):
     if init:
         return create_train_state(small, model, rng)[0]
     abstract = jax.eval_shape(lambda: init_variables(small, model, rng))
-    variables = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-    params = variables["params"]
-    tx = make_optimizer(config, params)
-    return TrainState(step=jnp.array(0, jnp.int32), params=params, frozen=variables.get("frozen", {}),
-                      opt_state=tx.init(params), first_nonfinite_step=jnp.array(-1, jnp.int32),
-                      num_skipped=jnp.array(0, jnp.int32))
+    return step_zero_state(config, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), abstract))[0]
 
 
 def restore_variables(config, workdir: str) -> dict:
