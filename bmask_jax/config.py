@@ -15,6 +15,10 @@ def base() -> ml_collections.ConfigDict:
 
     # ---- model ----
     m = c.model = ml_collections.ConfigDict()
+    # Weights to start from when the workdir has no checkpoint, as detectron2's MODEL.WEIGHTS:
+    # "" (from scratch), a local file, an https:// or detectron2:// URL, or a model-zoo name
+    # (python -m bmask_jax.model_zoo). Training applies it once; a resumed run ignores it.
+    m.weights = ""
     m.num_classes = 80
     m.compute_dtype = "float32"              # or "bfloat16": bf16 compute, f32 params and losses
     # Conv kernels: "auto" takes the XLA:CPU routes (models/cpu_kernels.py) when compiling for
@@ -208,6 +212,16 @@ def coco(c: ml_collections.ConfigDict, depth: int = 50) -> ml_collections.Config
     c.data.coco_eval_json = "datasets/coco/annotations/instances_val2017.json"
     c.data.canvas_buckets = ((800, 1344), (1344, 800), (1344, 1344))
     c.model.backbone.depth = depth
+    # ImageNet initialisation, as the paper and detectron2 (MSRA's Caffe2 ResNets: BGR, std 1).
+    c.model.weights = f"detectron2://ImageNetPretrained/MSRA/R-{depth}.pkl"
+    return c
+
+
+def schedule_3x(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The 3x schedule (SPEC section 8) with detectron2's multi-scale training (short side
+    640..800, Base-RCNN-FPN.yaml), as its 3x Mask R-CNN and Cascade Mask R-CNN baselines."""
+    c.train.update(lr_steps=(210000, 250000), max_iter=270000)
+    c.data.train_short_side = tuple(range(640, 801, 32))
     return c
 
 
@@ -221,6 +235,27 @@ def hrnet_coco(c: ml_collections.ConfigDict, width: int = 32) -> ml_collections.
     c.model.pixel_std = (58.395, 57.120, 57.375)
     c.model.backbone.update(name="hrnet", norm="FrozenBN", freeze_at=0)
     c.model.backbone.hrnet.widths = (width, 2 * width, 4 * width, 8 * width)
+    # HRNet's ImageNet weights have no stable URL (HRNet-Image-Classification's OneDrive) and
+    # the weight import reads ResNet layouts only: this variant starts from scratch (README).
+    c.model.weights = ""
+    return c
+
+
+def cityscapes(head: str = "bmask", schedule: str = "") -> ml_collections.ConfigDict:
+    """Cityscapes fine instance segmentation, 8 classes (paper Table 9; SPEC section 8), from
+    ImageNet R-50. schedule "": the authors' official config (batch 8, LR 0.01, 24k iterations,
+    x0.1 at 18k); "paper": the paper's (batch 4, LR 0.005, 48k iterations, x0.1 at 36k)."""
+    c = coco(base(), 50)
+    c.data.update(dataset="cityscapes", cityscapes_root="datasets/cityscapes", coco_images="",
+                  coco_train_json="", coco_eval_json="",
+                  train_short_side=tuple(range(800, 1025, 32)), test_short_side=1024, max_size=2048,
+                  canvas_buckets=((1024, 2048),))
+    c.model.num_classes = 8
+    mask_head(c, head)
+    if schedule == "paper":
+        c.train.update(batch_size=4, base_lr=0.005, max_iter=48000, lr_steps=(36000,))
+    else:
+        c.train.update(batch_size=8, base_lr=0.01, max_iter=24000, lr_steps=(18000,))
     return c
 
 
@@ -238,7 +273,11 @@ VARIANTS = {
     "r50_fpn_1x": lambda c: coco(c, 50),
     "r101_fpn_1x": lambda c: coco(c, 101),
     "hrnet_w32_fpn_1x": lambda c: hrnet_coco(c, 32),
+    "r50_fpn_3x": lambda c: schedule_3x(coco(c, 50)),
+    "r101_fpn_3x": lambda c: schedule_3x(coco(c, 101)),
     "cascade_r50_fpn_1x": lambda c: cascade(coco(c, 50)),
+    "cascade_r101_fpn_1x": lambda c: cascade(coco(c, 101)),
+    "cascade_r50_fpn_3x": lambda c: schedule_3x(cascade(coco(c, 50))),
 }
 
 
@@ -246,3 +285,24 @@ def variant(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDic
     if name not in VARIANTS:
         raise ValueError(f"unknown config variant {name!r}; choose one of {sorted(VARIANTS)}")
     return VARIANTS[name](c)
+
+
+def from_file(spec: str) -> ml_collections.ConfigDict:
+    """The config that `configs/<file>.py:<variant>` builds, without importing configs/ (which a
+    non-editable install does not ship): for the model zoo. Files: mask_rcnn, bmask_rcnn,
+    cityscapes."""
+    path, _, name = spec.partition(":")
+    stem = path.rsplit("/", 1)[-1].removesuffix(".py")
+    if stem in ("mask_rcnn", "bmask_rcnn"):
+        return variant(mask_head(base(), "maskrcnn" if stem == "mask_rcnn" else "bmask"), name or "shapes")
+    if stem == "cityscapes":
+        return cityscapes_variant(name or "bmask")
+    raise ValueError(f"{spec}: from_file builds configs/mask_rcnn.py, bmask_rcnn.py and cityscapes.py")
+
+
+def cityscapes_variant(name: str) -> ml_collections.ConfigDict:
+    head, _, schedule = name.partition("_")
+    if head not in ("bmask", "maskrcnn") or schedule not in ("", "paper"):
+        raise ValueError(f"configs/cityscapes.py variant must be bmask, maskrcnn, bmask_paper or "
+                         f"maskrcnn_paper, got {name!r}")
+    return cityscapes(head, schedule)

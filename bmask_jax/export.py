@@ -31,8 +31,8 @@ import numpy as np
 from jax import export
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.predictor import config_for_workdir, dataset_labels
-from bmask_jax.state import restore_variables
+from bmask_jax.pretrained import inference_variables, recorded_config
+from bmask_jax.predictor import dataset_labels
 
 from bmask_jax.serving import SERVING_FILE
 WEIGHTS_FILE = "weights.npz"
@@ -73,17 +73,24 @@ def serving_metadata(config, class_names, category_ids, platforms, boundaries: b
             "mask_head": config.model.mask_head.name}
 
 
+def _model(config, workdir: str | None, variables: dict | None, overrides: dict | None):
+    """(config, variables) of the model to export: `variables` as given, else workdir's newest
+    checkpoint, else config.model.weights (pretrained.py), with the config its weights imply."""
+    if variables is not None:
+        return recorded_config(config, workdir), variables
+    if not workdir and not config.model.weights:
+        raise ValueError("export: give a workdir, variables or a config with model.weights")
+    return inference_variables(config, workdir, overrides)
+
+
 def export_model(config, output: str, workdir: str | None = None, variables: dict | None = None,
-                 platforms=None, class_names=None) -> dict:
-    """Write the jax.export artifacts of `config`'s model (weights from workdir's latest
-    checkpoint, or `variables`) into `output`; returns the serving metadata. The files go to a
+                 platforms=None, class_names=None, overrides: dict | None = None) -> dict:
+    """Write the jax.export artifacts of `config`'s model (weights from `variables`, else
+    workdir's latest checkpoint, else config.model.weights) into `output`; returns the serving
+    metadata. The files go to a
     temporary folder first and are moved in only when all are written: an interrupted export
     leaves no partial model behind."""
-    if workdir:
-        config = config_for_workdir(config, workdir)
-        variables = restore_variables(config, workdir) if variables is None else variables
-    if variables is None:
-        raise ValueError("export_model: give a workdir or variables")
+    config, variables = _model(config, workdir, variables, overrides)
     if class_names is None:
         class_names, category_ids = dataset_labels(config)
     else:
@@ -117,7 +124,7 @@ def export_model(config, output: str, workdir: str | None = None, variables: dic
 
 
 def export_saved_model(config, output: str, workdir: str | None = None, variables: dict | None = None,
-                       batch_size: int = 1) -> None:
+                       batch_size: int = 1, overrides: dict | None = None) -> None:
     """A TensorFlow SavedModel of the detector through jax2tf (needs TensorFlow), for batches
     of batch_size images: TensorFlow's XlaCallModule (2.21) fails to refine this model's
     batch-polymorphic shapes ("Module has dynamic shapes"), so the batch is fixed."""
@@ -127,9 +134,7 @@ def export_saved_model(config, output: str, workdir: str | None = None, variable
     except ImportError as e:
         raise ImportError("--format saved_model needs TensorFlow (pip install tensorflow-cpu); "
                           "bmask_jax does not depend on it") from e
-    if workdir:
-        config = config_for_workdir(config, workdir)
-        variables = restore_variables(config, workdir) if variables is None else variables
+    config, variables = _model(config, workdir, variables, overrides)
     fn = detector_function(config)
     module = tf.Module()
     module.variables_tree = tf.nest.map_structure(tf.Variable, jax.device_get(variables))
@@ -172,14 +177,15 @@ def _define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:variant.",
                                     lock_config=True)
-    flags.DEFINE_string("workdir", None, "Training or weight-import workdir (its latest checkpoint).")
+    flags.DEFINE_string("workdir", None, "Training or weight-import workdir (its latest checkpoint; without "
+                        "one, the config's model.weights).")
     flags.DEFINE_string("output", None, "Empty directory to write the exported model to.")
     flags.DEFINE_enum("format", "jax", ["jax", "saved_model"], "jax.export artifacts, or a TF SavedModel.")
     flags.DEFINE_integer("batch_size", 1, "Images per call of a SavedModel signature (saved_model format; "
                          "the jax format takes any batch size).")
     flags.DEFINE_list("platforms", None, "Platforms to lower for (jax format), e.g. cpu,cuda,tpu; "
                       "default: this machine's.")
-    flags.mark_flags_as_required(["config", "workdir", "output"])
+    flags.mark_flags_as_required(["config", "output"])
 
 
 def main(argv):
@@ -187,12 +193,14 @@ def main(argv):
     from absl import flags
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
+    from ml_collections import config_flags
     f = flags.FLAGS
+    overrides = config_flags.get_override_values(f["config"])
     if f.format == "saved_model":
-        export_saved_model(f.config, f.output, f.workdir, batch_size=f.batch_size)
+        export_saved_model(f.config, f.output, f.workdir, batch_size=f.batch_size, overrides=overrides)
         print(f"wrote a SavedModel to {f.output}")
         return
-    meta = export_model(f.config, f.output, f.workdir, platforms=f.platforms)
+    meta = export_model(f.config, f.output, f.workdir, platforms=f.platforms, overrides=overrides)
     print(f"wrote {len(meta['models'])} model(s) ({', '.join(meta['models'])}) for {', '.join(meta['platforms'])} "
           f"and {WEIGHTS_FILE} to {f.output}; load them with bmask_jax.serving.ExportedModel({f.output!r})")
 

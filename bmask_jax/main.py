@@ -33,17 +33,20 @@ def main(argv):
     from bmask_jax import sharding
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
+    # What the command line set: model.weights may not contradict it (pretrained.py).
+    overrides = config_flags.get_override_values(FLAGS["config"])
     if FLAGS.mode == "train":
         from bmask_jax.train import train_and_evaluate
-        train_and_evaluate(config, FLAGS.workdir)
+        train_and_evaluate(config, FLAGS.workdir, overrides)
     elif FLAGS.mode == "evaluate":
         from bmask_jax.evaluate import evaluate
-        from bmask_jax.state import restore_variables
-        evaluate(config, FLAGS.workdir, restore_variables(config, FLAGS.workdir))
+        from bmask_jax.pretrained import inference_variables
+        config, variables = inference_variables(config, FLAGS.workdir, overrides)
+        evaluate(config, FLAGS.workdir, variables)
     else:
         from bmask_jax.predict import FAILURES_FILE, predict
         out_dir = config.predict.output_dir or os.path.join(FLAGS.workdir, "predictions")
-        path, failures = predict(config, FLAGS.workdir, out_dir)
+        path, failures = predict(config, FLAGS.workdir, out_dir, overrides=overrides)
         if path:
             print(f"wrote pictures and {path}")
         if failures:

@@ -37,15 +37,18 @@ def list_images(inputs: str) -> list[str]:
     return paths
 
 
-def predict(config, workdir: str, output_dir: str, predictor: Predictor | None = None) -> tuple[str | None, list]:
+def predict(config, workdir: str, output_dir: str, predictor: Predictor | None = None,
+            overrides: dict | None = None) -> tuple[str | None, list]:
     """Predict on config.predict.inputs: <name>.png per image and predictions.json (COCO
     results with "file_name"; image_id is the file's position in the input list + 1).
 
     Multi-host: each process predicts every process_count-th file on its own devices and draws
     its pictures; process 0 gathers and writes the JSON files. Returns (path of
     predictions.json or None on other processes, the failures: [{"file", "error"}] of every
-    process). Unreadable files are skipped, listed in failed_images.json and returned."""
-    predictor = predictor or Predictor(config, workdir, score_threshold=config.predict.score_threshold)
+    process). Unreadable files are skipped, listed in failed_images.json and returned. The model
+    is workdir's newest checkpoint, else config.model.weights (the Predictor's rule)."""
+    predictor = predictor or Predictor(config, workdir, score_threshold=config.predict.score_threshold,
+                                       overrides=overrides)
     os.makedirs(output_dir, exist_ok=True)
     paths = list_images(config.predict.inputs)
     mine = list(range(jax.process_index(), len(paths), jax.process_count()))

@@ -14,7 +14,6 @@ compiled once per bucket.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -28,9 +27,8 @@ from bmask_jax.data.pipeline import eval_plan
 from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge
 from bmask_jax.evaluate import DETECT_KEYS, global_eval_batch, make_detector
 from bmask_jax.postprocess import image_instances
-from bmask_jax.state import restore_variables
+from bmask_jax.pretrained import inference_variables, recorded_config
 
-WEIGHTS_IMPORT_RECORD = "weights_import.json"      # written by python -m bmask_jax.weights
 
 
 def as_rgb(image, name: str = "image") -> np.ndarray:
@@ -53,28 +51,6 @@ def as_rgb(image, name: str = "image") -> np.ndarray:
     return a
 
 
-def config_for_workdir(config, workdir: str):
-    """config with the changes that a weight import into `workdir` recorded (pixel format,
-    normalisation, ...): the imported weights only make sense with them. A copy; warns
-    about each value it changes."""
-    record = os.path.join(workdir, WEIGHTS_IMPORT_RECORD)
-    config = config.copy_and_resolve_references()
-    if not os.path.exists(record):
-        return config
-    with open(record) as f:
-        imported = json.load(f)
-    if not imported.get("config_changes_applied", True):
-        return config
-    from bmask_jax.weights.importer import apply_config_changes
-    wanted = {k: tuple(new) if isinstance(new, list) else new
-              for k, (_, new) in imported.get("config_differences", {}).items()}
-    changed = apply_config_changes(config, wanted)
-    if changed:
-        logging.warning("%s: the weights were imported with these config values; using them: %s", record,
-                        "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items()))
-    return config
-
-
 def dataset_labels(config) -> tuple[list[str], list[int]]:
     """Class names and dataset category ids (contiguous class k -> id) of the config's dataset,
     or generic ones ("class 0", ids 1..K) where the dataset cannot be read here (a COCO model
@@ -86,6 +62,9 @@ def dataset_labels(config) -> tuple[list[str], list[int]]:
         names = list(ds.class_names)
         ids = list(getattr(ds, "category_ids", range(1, len(names) + 1)))
     except (OSError, ValueError) as e:
+        known = _known_labels(config)
+        if known is not None:
+            return known
         logging.warning("class names: cannot read the dataset of the config (%s); naming classes 'class 0'..", e)
         return [f"class {i}" for i in range(k)], list(range(1, k + 1))
     if len(names) != k:
@@ -93,13 +72,26 @@ def dataset_labels(config) -> tuple[list[str], list[int]]:
     return names, ids
 
 
+def _known_labels(config) -> tuple[list[str], list[int]] | None:
+    """COCO's or Cityscapes' own class names and ids for a model of theirs used without the
+    dataset's files (a model-zoo model on your photos)."""
+    k, dataset = config.model.num_classes, config.data.dataset
+    if dataset in ("coco", "tfds") and k == 80:
+        from bmask_jax.data.coco import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
+        return list(COCO_CLASS_NAMES), list(COCO_CATEGORY_IDS)
+    if dataset == "cityscapes" and k == 8:
+        from bmask_jax.data.cityscapes import CATEGORY_IDS, CLASS_NAMES
+        return list(CLASS_NAMES), list(CATEGORY_IDS)
+    return None
+
+
 class Predictor:
     """Run a model on images of any size; see the module docstring.
 
-    config: the model's config (for an imported-weights workdir, the config it was imported
-        with; the config changes the import recorded are applied).
-    workdir: a training or weight-import workdir (its latest checkpoint), unless `variables`
-        ({"params", "frozen"}) are given.
+    config: the model's config (the config values that the workdir's weights record, or that
+        config.model.weights implies, are applied).
+    workdir: a training or weight-import workdir (its latest checkpoint; without one, and with
+        None, config.model.weights), unless `variables` ({"params", "frozen"}) are given.
     class_names: names of the model's classes (default: those of the config's dataset).
     batch_size: images per step (default eval.batch_size), rounded up to the device count.
     score_threshold: drop detections scoring lower (default: keep all the model returns).
@@ -108,10 +100,15 @@ class Predictor:
 
     def __init__(self, config, workdir: str | None = None, *, variables: dict | None = None,
                  class_names: Sequence[str] | None = None, batch_size: int | None = None,
-                 score_threshold: float = 0.0, devices=None):
-        if (workdir is None) == (variables is None):
+                 score_threshold: float = 0.0, devices=None, overrides: dict | None = None):
+        if workdir is not None and variables is not None:
             raise ValueError("Predictor: give a workdir (to restore its latest checkpoint) or variables, not both")
-        self.config = config_for_workdir(config, workdir) if workdir else config.copy_and_resolve_references()
+        if workdir is None and variables is None and not config.model.weights:
+            raise ValueError("Predictor: give a workdir, variables, or a config with model.weights "
+                             "(or use Predictor.from_pretrained)")
+        if variables is None:
+            config, variables = inference_variables(config, workdir, overrides)
+        self.config = recorded_config(config, workdir)
         if class_names is None:
             class_names, self.category_ids = dataset_labels(self.config)
         else:
@@ -120,10 +117,24 @@ class Predictor:
         self.mesh = sharding.make_mesh(jax.local_devices() if devices is None else devices)
         self.batch_size = global_eval_batch(batch_size or self.config.eval.batch_size, self.mesh)
         self.score_threshold = score_threshold
-        if variables is None:
-            variables = restore_variables(self.config, workdir)
         self.variables = sharding.put_replicated(variables, self.mesh)
         self._detect = make_detector(self.config, self.mesh)
+
+    @classmethod
+    def from_pretrained(cls, weights: str, config=None, **kwargs) -> Predictor:
+        """A Predictor of published or saved weights: a model-zoo name (python -m
+        bmask_jax.model_zoo; its config is the zoo's unless `config` is given), an https:// or
+        detectron2:// URL, or a local file (these need `config`, the model they fit). Files are
+        downloaded once into $BMASK_JAX_HOME. kwargs: as Predictor's."""
+        from bmask_jax import model_zoo
+        if config is None:
+            if weights not in model_zoo.ENTRIES:
+                raise ValueError(f"Predictor.from_pretrained({weights!r}): not a model-zoo name, so give the config "
+                                 f"it fits (config=...); zoo names: {', '.join(model_zoo.ENTRIES)}")
+            config = model_zoo.get(weights).build_config()
+        config = config.copy_and_resolve_references()
+        config.model.weights = weights
+        return cls(config, **kwargs)
 
     def __call__(self, images):
         """One image (an RGB array or a path) -> its instances; a list -> a list of them.

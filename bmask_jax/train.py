@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bmask_jax import checkpoints, sharding
+from bmask_jax import checkpoints, pretrained, sharding
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.optim import learning_rate_np
@@ -88,8 +88,10 @@ def _check_finite(state: TrainState, losses: dict | None, skip: bool) -> None:
             "to skip such steps instead.")
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train (resuming from workdir if it holds a checkpoint), then evaluate if configured."""
+def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> dict:
+    """Train (resuming from workdir if it holds a checkpoint, else starting from model.weights
+    if set), then evaluate if configured. overrides: the command line's --config.* values, which
+    must agree with the config the weights imply (pretrained.py)."""
     r = config.model.roi_heads
     if r.sampling_ratio == 0 and r.max_adaptive_samples == 0:
         raise ValueError("model.roi_heads.max_adaptive_samples=0 (uncapped adaptive RoIAlign sampling) is for "
@@ -98,6 +100,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh()
     is_main = jax.process_index() == 0
+    # The weights decide the input format and normalisation: resolved before the model is built.
+    config, weights = pretrained.resolve(config, workdir, overrides, progress=is_main)
     model = BMaskRCNN(config.model)
     state, tx = create_train_state(config, model, jax.random.PRNGKey(config.seed))
     mgr = checkpoints.manager(workdir, config.train.keep_checkpoints)
@@ -105,6 +109,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if restored is not None:
         state = restored
         logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
+    elif weights is not None:
+        state, report = pretrained.load_into_state(state, weights)
+        if is_main:
+            pretrained.write_record(workdir, weights, report)
     state = jax.device_put(state, sharding.replicated(mesh))
 
     t = config.train

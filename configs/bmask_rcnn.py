@@ -1,5 +1,8 @@
-"""BMask R-CNN configs. Variants: `shapes` (default: the embedded dataset on a CPU),
-`r50_fpn_1x`, `r101_fpn_1x` (COCO, the paper's Table 1 setting).
+"""BMask R-CNN configs. Variants: `shapes` (default: the embedded dataset on a CPU), `tiny`;
+COCO from ImageNet R-50/R-101 (the paper's Table 1 setting and the authors' model zoo):
+`r50_fpn_1x`, `r101_fpn_1x`, `cascade_r50_fpn_1x`, `cascade_r101_fpn_1x`, and `r50_fpn_3x`,
+`r101_fpn_3x`, `cascade_r50_fpn_3x` (detectron2's 3x with multi-scale training; the authors'
+3x config trains at 800 only); `hrnet_w32_fpn_1x`.
 
     python -m bmask_jax.main --config configs/bmask_rcnn.py:r50_fpn_1x --workdir runs/x
 """
@@ -7,5 +10,4 @@ from bmask_jax import config as base_config
 
 
 def get_config(variant: str = "shapes"):
-    c = base_config.mask_head(base_config.base(), "bmask")
-    return base_config.variant(c, variant)
+    return base_config.from_file(f"bmask_rcnn:{variant}")

@@ -13,20 +13,4 @@ from bmask_jax import config as base_config
 
 
 def get_config(variant: str = "bmask"):
-    head, _, schedule = variant.partition("_")
-    if head not in ("bmask", "maskrcnn") or schedule not in ("", "paper"):
-        raise ValueError(f"configs/cityscapes.py variant must be bmask, maskrcnn, bmask_paper or "
-                         f"maskrcnn_paper, got {variant!r}")
-    c = base_config.coco(base_config.base(), 50)
-    c.data.update(dataset="cityscapes", cityscapes_root="datasets/cityscapes", coco_images="",
-                  coco_train_json="", coco_eval_json="",
-                  train_short_side=tuple(range(800, 1025, 32)), test_short_side=1024, max_size=2048,
-                  canvas_buckets=((1024, 2048),))
-    c.model.num_classes = 8
-    base_config.mask_head(c, head)
-    t = c.train
-    if schedule == "paper":
-        t.update(batch_size=4, base_lr=0.005, max_iter=48000, lr_steps=(36000,))
-    else:
-        t.update(batch_size=8, base_lr=0.01, max_iter=24000, lr_steps=(18000,))
-    return c
+    return base_config.cityscapes_variant(variant)

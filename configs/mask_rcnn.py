@@ -1,9 +1,11 @@
 """Mask R-CNN baseline configs: detectron2's Mask R-CNN (mask_rcnn_R_50_FPN_1x.yaml for
 `r50_fpn_1x`), equal to configs/bmask_rcnn.py but for the mask head and train_on_pred_boxes.
-Variants: `shapes` (default), `r50_fpn_1x`, `r101_fpn_1x`."""
+
+Variants: `shapes` (default), `tiny`; COCO from ImageNet R-50/R-101: `r50_fpn_1x`,
+`r101_fpn_1x`, `r50_fpn_3x`, `r101_fpn_3x`, `cascade_r50_fpn_1x`, `cascade_r50_fpn_3x`,
+`cascade_r101_fpn_1x` (detectron2's model zoo rows: python -m bmask_jax.model_zoo)."""
 from bmask_jax import config as base_config
 
 
 def get_config(variant: str = "shapes"):
-    c = base_config.mask_head(base_config.base(), "maskrcnn")
-    return base_config.variant(c, variant)
+    return base_config.from_file(f"mask_rcnn:{variant}")

@@ -40,3 +40,116 @@ def iou_brute_force(a, b) -> float:
     inter = iw * ih
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# detectron2 / MSRA checkpoint layouts, written from a config's numbers
+# ---------------------------------------------------------------------------------------------
+
+def d2_shapes(config) -> dict[str, tuple]:
+    """{detectron2 key: torch shape} of Mask R-CNN / BMask R-CNN for a config, from its numbers
+    (written from detectron2's module layout, independently of our parameter tree)."""
+    m, b = config.model, config.model.backbone
+    shapes = {}
+
+    def conv(name, cout, cin, k, bias=True):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        if bias:
+            shapes[f"{name}.bias"] = (cout,)
+
+    def norm(name, c):
+        for r in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.norm.{r}"] = (c,)
+
+    conv("backbone.bottom_up.stem.conv1", b.stem_channels, 3, 7, bias=False)
+    norm("backbone.bottom_up.stem.conv1", b.stem_channels)
+    blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[b.depth]
+    cin, cout, bott, stage_channels = b.stem_channels, b.res2_out_channels, b.bottleneck_channels, []
+    for s, n in enumerate(blocks):
+        for i in range(n):
+            p = f"backbone.bottom_up.res{s + 2}.{i}"
+            stride = 2 if (i == 0 and s > 0) else 1
+            convs = ([(cout, cin, 3), (cout, cout, 3)] if b.depth < 50
+                     else [(bott, cin, 1), (bott, bott, 3), (cout, bott, 1)])
+            if cin != cout or (b.depth < 50 and stride != 1):
+                conv(f"{p}.shortcut", cout, cin, 1, bias=False)
+                norm(f"{p}.shortcut", cout)
+            for j, (o, ci, k) in enumerate(convs):
+                conv(f"{p}.conv{j + 1}", o, ci, k, bias=False)
+                norm(f"{p}.conv{j + 1}", o)
+            cin = cout
+        stage_channels.append(cout)
+        cout, bott = cout * 2, bott * 2
+    c = m.fpn.channels
+    for level, ci in zip((2, 3, 4, 5), stage_channels):
+        conv(f"backbone.fpn_lateral{level}", c, ci, 1)
+        conv(f"backbone.fpn_output{level}", c, c, 3)
+    a = len(m.anchors.aspect_ratios)
+    conv("proposal_generator.rpn_head.conv", c, c, 3)
+    conv("proposal_generator.rpn_head.objectness_logits", a, c, 1)
+    conv("proposal_generator.rpn_head.anchor_deltas", 4 * a, c, 1)
+    r, fc, k = m.roi_heads.pooler_resolution, m.roi_heads.fc_dim, m.num_classes
+    cascade = m.roi_heads.get("cascade") is not None and m.roi_heads.cascade.enabled
+    stages = [f".{s}" for s in range(len(m.roi_heads.cascade.iou_thresholds))] if cascade else [""]
+    deltas = 4 if cascade or m.roi_heads.get("class_agnostic_bbox_reg", False) else 4 * k
+    for st in stages:                    # CascadeROIHeads: box_head.{stage}, box_predictor.{stage}
+        for name, o, i in ((f"box_head{st}.fc1", fc, c * r * r), (f"box_head{st}.fc2", fc, fc),
+                           (f"box_predictor{st}.cls_score", k + 1, fc), (f"box_predictor{st}.bbox_pred", deltas, fc)):
+            shapes[f"roi_heads.{name}.weight"], shapes[f"roi_heads.{name}.bias"] = (o, i), (o,)
+    d, mh = m.mask_head.conv_dim, "roi_heads.mask_head"
+    for i in range(m.mask_head.num_conv):
+        conv(f"{mh}.mask_fcn{i + 1}", d, c if i == 0 else d, 3)
+    deconvs = ["mask_deconv", "boundary_deconv"] if m.mask_head.name == "bmask" else ["deconv"]
+    predictors = ["mask_predictor", "boundary_predictor"] if m.mask_head.name == "bmask" else ["predictor"]
+    if m.mask_head.name == "bmask":
+        conv(f"{mh}.downsample", d, c, 3)
+        conv(f"{mh}.mask_to_boundary", d, d, 1)
+        for i in range(m.boundary.num_conv):
+            conv(f"{mh}.boundary_fcn{i + 1}", d, d, 3)
+        conv(f"{mh}.boundary_to_mask", d, d, 1)
+        conv(f"{mh}.mask_final_fusion", d, d, 3)
+    for name in deconvs:
+        shapes[f"{mh}.{name}.weight"], shapes[f"{mh}.{name}.bias"] = (d, d, 2, 2), (d,)
+    for name in predictors:
+        conv(f"{mh}.{name}", k, d, 1)
+    return shapes
+
+
+def random_d2_checkpoint(config, seed=0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, shape in d2_shapes(config).items():
+        if key.endswith("running_var"):
+            out[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        elif key.endswith("norm.weight"):
+            out[key] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 100
+            out[key] = (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
+    return out
+
+
+D2_PIXELS = {"pixel_mean": np.array([103.53, 116.28, 123.675], np.float32).reshape(3, 1, 1),
+             "pixel_std": np.ones((3, 1, 1), np.float32)}
+
+
+def d2_to_msra(name: str) -> str:
+    """detectron2 backbone module names -> Detectron (Caffe2) blob prefixes."""
+    name = name.replace("stem.conv1.norm", "res_conv1_bn").replace("stem.conv1", "conv1")
+    for j, branch in ((1, "2a"), (2, "2b"), (3, "2c")):
+        name = name.replace(f".conv{j}", f"_branch{branch}")
+    return name.replace(".shortcut", "_branch1").replace(".norm", "_bn").replace(".", "_")
+
+
+def msra_blobs(d2_checkpoint: dict) -> dict[str, np.ndarray]:
+    """The backbone of a detectron2-layout checkpoint as detectron2's ImageNet R-50.pkl holds
+    it (Caffe2 blobs; the BN already folded to scale/shift: here simply weight/bias)."""
+    blobs = {}
+    for key, value in d2_checkpoint.items():
+        if key.startswith("backbone.bottom_up.") and not key.endswith(("running_mean", "running_var")):
+            stem, leaf = key[len("backbone.bottom_up."):].rsplit(".", 1)
+            if stem.endswith("norm"):
+                blobs[d2_to_msra(stem) + {"weight": "_s", "bias": "_b"}[leaf]] = value
+            else:
+                blobs[d2_to_msra(stem) + "_w"] = value
+    return blobs

@@ -39,8 +39,9 @@ def main(argv):
            "WARNING: the config differs from what the weights imply: ")
           + "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differ.items()))
     if f.apply_config_changes:
-        print(f"train or evaluate --workdir {f.output} with the same config and:\n  "
-              + config_flags_for({k: new for k, (_, new) in differ.items()}))
+        print(f"recorded in {os.path.join(f.output, 'weights_import.json')}: train, evaluate, predict or export "
+              f"--workdir {f.output} with the same config and they are applied (the flags: "
+              + config_flags_for({k: new for k, (_, new) in differ.items()}) + ")")
 
 
 if __name__ == "__main__":

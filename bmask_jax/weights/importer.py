@@ -14,15 +14,15 @@ from bmask_jax.weights.layouts import WHOLE_MODEL_KINDS
 from bmask_jax.weights.safe_pickle import read_checkpoint
 
 
-def load_into_state(state, path: str, kind: str = "auto"):
+def load_into_state(state, path: str, kind: str = "auto", checkpoint: dict[str, np.ndarray] | None = None):
     """Import the weights at `path` into a state.TrainState's params and frozen collection.
     Returns (new state, ImportReport). The report's config_changes are what the weights imply
     (pixel format, normalisation, stride_in_1x1, norm); they are not applied to anything here:
-    the model that runs this state must use them."""
+    the model that runs this state must use them. `checkpoint`: its arrays, if already read."""
     import jax
     import jax.numpy as jnp
 
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_checkpoint(path) if checkpoint is None else checkpoint
     params, frozen, report = convert(checkpoint, jax.device_get(state.params), jax.device_get(state.frozen),
                                      kind, source=path)
     return state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
@@ -62,11 +62,7 @@ def import_weights(config, source: str, output: str, kind: str = "auto",
     output/checkpoints, so that `--workdir output` trains from it or evaluates it (with the
     same config). Writes output/weights_import.json. Returns the report and
     {config key: (old, new)} where the config differed from what the weights imply."""
-    import jax
-    import jax.numpy as jnp
-
     from bmask_jax import checkpoints
-    from bmask_jax.state import new_train_state
 
     checkpoint = read_checkpoint(source)
     kind = detect_kind(checkpoint, source) if kind == "auto" else kind
@@ -76,15 +72,7 @@ def import_weights(config, source: str, output: str, kind: str = "auto",
     if mgr.latest_step() is not None:
         raise FileExistsError(f"{mgr.directory} already holds a checkpoint (step {mgr.latest_step()}); "
                               "choose an empty --output")
-    # Whole-model imports replace every parameter: skip the (compiled) initialisation unless
-    # some layer has no counterpart in the checkpoint.
-    state = new_train_state(config, init=kind not in WHOLE_MODEL_KINDS)
-    params, frozen, report = convert(checkpoint, _host(state.params), _host(state.frozen), kind, source)
-    if report.initialised_fresh and kind in WHOLE_MODEL_KINDS:
-        state = new_train_state(config, init=True)
-        params, frozen, report = convert(checkpoint, _host(state.params), _host(state.frozen), kind, source)
-    state = state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
-                          frozen=jax.tree_util.tree_map(jnp.asarray, frozen))
+    state, report = imported_state(config, checkpoint, kind, source)
     checkpoints.save(mgr, 0, state, force=True)
     mgr.wait_until_finished()
     mgr.close()
@@ -92,6 +80,23 @@ def import_weights(config, source: str, output: str, kind: str = "auto",
         json.dump(dict(report.to_dict(), config_differences=differ, config_changes_applied=apply_changes,
                        flags=config_flags_for({k: new for k, (_, new) in differ.items()})), f, indent=2, default=str)
     return report, differ
+
+
+def imported_state(config, checkpoint: dict[str, np.ndarray], kind: str, source: str):
+    """A step-0 TrainState of `config` holding the checkpoint's weights, and the ImportReport.
+    Whole-model imports replace every parameter: the (compiled) initialisation is skipped
+    unless some layer has no counterpart in the checkpoint (those keep their initial values)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bmask_jax.state import new_train_state
+    state = new_train_state(config, init=kind not in WHOLE_MODEL_KINDS)
+    params, frozen, report = convert(checkpoint, _host(state.params), _host(state.frozen), kind, source)
+    if report.initialised_fresh and kind in WHOLE_MODEL_KINDS:
+        state = new_train_state(config, init=True)
+        params, frozen, report = convert(checkpoint, _host(state.params), _host(state.frozen), kind, source)
+    return state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
+                         frozen=jax.tree_util.tree_map(jnp.asarray, frozen)), report
 
 
 def _host(tree):

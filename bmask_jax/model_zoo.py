@@ -1,0 +1,152 @@
+"""The model zoo: published Mask R-CNN and BMask R-CNN weights, one name away.
+
+    python -m bmask_jax.model_zoo                     # the table
+    python -m bmask_jax.main --config configs/bmask_rcnn.py:r50_fpn_1x --workdir runs/zoo \\
+        --mode evaluate --config.model.weights=bmask_rcnn_R_50_FPN_1x
+    Predictor.from_pretrained("mask_rcnn_R_50_FPN_3x")("street.jpg")
+
+Each entry: its name (the publisher's config name), the config it runs with, the URL and file
+name, and the box/mask AP its publisher reports (COCO val2017; Cityscapes val for the
+Cityscapes entry, whose AP is the benchmark's own). detectron2's files are fetched and checked
+against the md5 prefix in their names. The authors' BMask R-CNN files are OneDrive share links,
+which need a browser (a script gets the share page, not the file): their names resolve to a
+file in the cache, and the error says which link to open and where to save the file.
+The ImageNet backbones that the COCO and Cityscapes configs start from are listed too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from bmask_jax import download
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    config: str               # configs/<file>.py:<variant>
+    url: str
+    publisher: str
+    dataset: str
+    box_ap: float | None      # as the publisher reports it; None where it reports none
+    mask_ap: float | None
+    file_name: str = ""       # where the URL does not end in it (share links)
+    manual: bool = False      # the URL is a page to open in a browser, not the file
+
+    @property
+    def local_name(self) -> str:
+        return self.file_name or os.path.basename(download.expand_url(self.url))
+
+    def cache_path(self) -> str:
+        if self.manual:
+            return os.path.join(download.home(), "weights", "zoo", self.local_name)
+        return download.cache_path(self.url)
+
+    def build_config(self):
+        from bmask_jax import config
+        c = config.from_file(self.config)
+        c.model.weights = self.name
+        return c
+
+
+_D2 = "detectron2://"
+_AUTHORS = "hustvl/BMaskR-CNN"
+ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
+    # detectron2's MODEL_ZOO.md: COCO instance segmentation baselines and Cascade R-CNN.
+    ZooEntry("mask_rcnn_R_50_FPN_1x", "configs/mask_rcnn.py:r50_fpn_1x",
+             _D2 + "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x/137260431/model_final_a54504.pkl",
+             "detectron2", "COCO", 38.6, 35.2),
+    ZooEntry("mask_rcnn_R_50_FPN_3x", "configs/mask_rcnn.py:r50_fpn_3x",
+             _D2 + "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl",
+             "detectron2", "COCO", 41.0, 37.2),
+    ZooEntry("mask_rcnn_R_101_FPN_3x", "configs/mask_rcnn.py:r101_fpn_3x",
+             _D2 + "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x/138205316/model_final_a3ec72.pkl",
+             "detectron2", "COCO", 42.9, 38.6),
+    ZooEntry("cascade_mask_rcnn_R_50_FPN_1x", "configs/mask_rcnn.py:cascade_r50_fpn_1x",
+             _D2 + "Misc/cascade_mask_rcnn_R_50_FPN_1x/138602847/model_final_e9d89b.pkl",
+             "detectron2", "COCO", 42.1, 36.4),
+    ZooEntry("cascade_mask_rcnn_R_50_FPN_3x", "configs/mask_rcnn.py:cascade_r50_fpn_3x",
+             _D2 + "Misc/cascade_mask_rcnn_R_50_FPN_3x/144998488/model_final_480dd8.pkl",
+             "detectron2", "COCO", 44.3, 38.5),
+    # The authors' README (github.com/hustvl/BMaskR-CNN): mask AP only.
+    ZooEntry("bmask_rcnn_R_50_FPN_1x", "configs/bmask_rcnn.py:r50_fpn_1x",
+             "https://1drv.ms/u/s!AiO3BIXgPy5wgQPnrfnAtiyPDPg2?e=C30spg", _AUTHORS, "COCO", None, 36.6,
+             file_name="bmask_rcnn_R_50_FPN_1x.pth", manual=True),
+    ZooEntry("bmask_rcnn_R_101_FPN_1x", "configs/bmask_rcnn.py:r101_fpn_1x",
+             "https://1drv.ms/u/s!AiO3BIXgPy5wgQXy09QVGx89O3Fq?e=DzeqBx", _AUTHORS, "COCO", None, 38.0,
+             file_name="bmask_rcnn_R_101_FPN_1x.pth", manual=True),
+    ZooEntry("cascade_bmask_rcnn_R_50_FPN_1x", "configs/bmask_rcnn.py:cascade_r50_fpn_1x",
+             "https://1drv.ms/u/s!AiO3BIXgPy5wgQbCmylIyL4Z4GFh?e=MNrgaD", _AUTHORS, "COCO", None, 37.5,
+             file_name="cascade_bmask_rcnn_R_50_FPN_1x.pth", manual=True),
+    ZooEntry("cascade_bmask_rcnn_R_101_FPN_1x", "configs/bmask_rcnn.py:cascade_r101_fpn_1x",
+             "https://1drv.ms/u/s!AiO3BIXgPy5wgQcIpRDSMUKHVgMM?e=on6XLj", _AUTHORS, "COCO", None, 39.1,
+             file_name="cascade_bmask_rcnn_R_101_FPN_1x.pth", manual=True),
+    ZooEntry("bmask_rcnn_R_50_FPN_cityscapes", "configs/cityscapes.py:bmask",
+             "https://1drv.ms/u/s!AiO3BIXgPy5wgQQx_gTYbpcIuOWJ?e=z9seyq", _AUTHORS, "Cityscapes", None, 36.2,
+             file_name="bmask_rcnn_R_50_FPN_cityscapes.pth", manual=True),
+]}
+
+# ImageNet backbones (MSRA's ResNets as detectron2 converted them): what the COCO and
+# Cityscapes configs start training from. No checksum: their file names carry none.
+BACKBONES: dict[str, str] = {
+    "ImageNet/MSRA/R-50": _D2 + "ImageNetPretrained/MSRA/R-50.pkl",
+    "ImageNet/MSRA/R-101": _D2 + "ImageNetPretrained/MSRA/R-101.pkl",
+}
+
+
+def get(name: str) -> ZooEntry:
+    if name not in ENTRIES:
+        raise KeyError(f"no model {name!r} in the model zoo; models: {', '.join(ENTRIES)}")
+    return ENTRIES[name]
+
+
+def is_zoo_name(spec: str) -> bool:
+    return spec in ENTRIES or spec in BACKBONES
+
+
+def weights_file(spec: str, progress: bool = True) -> str:
+    """The local file of a model.weights value: a zoo name, a backbone name, an https:// or
+    detectron2:// URL (downloaded into the cache once), or a local path. Raises FileNotFoundError
+    (a path or name that is neither) or download.DownloadError."""
+    if spec in ENTRIES and ENTRIES[spec].manual:
+        entry = ENTRIES[spec]
+        path = entry.cache_path()
+        if not os.path.isfile(path):
+            raise download.DownloadError(
+                f"model.weights={spec}: the authors publish this model as a OneDrive share link, which a "
+                f"program cannot download. Open {entry.url} in a browser, download the file and save it as "
+                f"{path}")
+        return path
+    if spec in ENTRIES or spec in BACKBONES:
+        return download.fetch(ENTRIES[spec].url if spec in ENTRIES else BACKBONES[spec], progress=progress)
+    if download.is_url(spec):
+        return download.fetch(spec, progress=progress)
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.weights={spec}: no such file, and not a URL or a model-zoo name "
+                                f"(python -m bmask_jax.model_zoo lists them)")
+    return path
+
+
+def table() -> str:
+    """The zoo as a Markdown table."""
+    def ap(x):
+        return "—" if x is None else f"{x:.1f}"
+    rows = ["| name | config | publisher | dataset | box AP | mask AP | file |",
+            "|---|---|---|---|---|---|---|"]
+    for e in ENTRIES.values():
+        link = f"[{e.local_name}]({download.expand_url(e.url)})" + (" (browser)" if e.manual else "")
+        rows.append(f"| `{e.name}` | `{e.config}` | {e.publisher} | {e.dataset} | {ap(e.box_ap)} | {ap(e.mask_ap)} "
+                    f"| {link} |")
+    rows += ["", "| backbone | file |", "|---|---|"]
+    rows += [f"| `{n}` | [{os.path.basename(u)}]({download.expand_url(u)}) |" for n, u in BACKBONES.items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    print(table())
+    print(f"\ncache: {os.path.join(download.home(), 'weights')} ($BMASK_JAX_HOME)")
