@@ -25,6 +25,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 
 DETECTRON2_PREFIX = "https://dl.fbaipublicfiles.com/detectron2/"
 PUBLIC_FILES = "https://dl.fbaipublicfiles.com/"
@@ -109,7 +110,8 @@ def download(url: str, path: str, checksum: tuple[str, str] | None = None, progr
     source = _mirrored(url)
     by_hand = f"download {url} yourself and save it as {path}"
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    partial = f"{path}.part-{os.getpid()}"
+    # Unique per process and host: processes of a multi-host run may share the cache folder.
+    partial = f"{path}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         try:
             response = urllib.request.urlopen(urllib.request.Request(source, headers={"User-Agent": "bmask_jax"}),

@@ -57,6 +57,7 @@ def test_unknown_variants_are_named():
 DETECTRON2_MASK_RCNN_R50_FPN_1X = {
     "num_classes": ("ROI_HEADS.NUM_CLASSES", 80),
     "input_format": ("INPUT.FORMAT", "BGR"),
+    "weights": ("WEIGHTS", "detectron2://ImageNetPretrained/MSRA/R-50.pkl"),
     "pixel_mean": ("PIXEL_MEAN", (103.530, 116.280, 123.675)),
     "pixel_std": ("PIXEL_STD", (1.0, 1.0, 1.0)),
     "backbone.name": ("BACKBONE.NAME build_resnet_fpn_backbone", "resnet"),

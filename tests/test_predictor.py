@@ -120,7 +120,7 @@ def test_predictor_inputs(workdir, tmp_path):
         predictor([np.full((8, 8, 3), 300.0)])
     with pytest.raises(ValueError, match="missing.png"):
         predictor(str(tmp_path / "missing.png"))
-    with pytest.raises(ValueError, match="workdir .* or variables"):
+    with pytest.raises(ValueError, match="give a workdir, variables, or a config with model.weights"):
         Predictor(c)
 
 
