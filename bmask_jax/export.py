@@ -196,6 +196,14 @@ def main(argv):
     from ml_collections import config_flags
     f = flags.FLAGS
     overrides = config_flags.get_override_values(f["config"])
+    from bmask_jax.pretrained import user_errors
+    try:
+        _export(f, overrides)
+    except user_errors() as e:
+        sys.exit(f"error: {e}")
+
+
+def _export(f, overrides):
     if f.format == "saved_model":
         export_saved_model(f.config, f.output, f.workdir, batch_size=f.batch_size, overrides=overrides)
         print(f"wrote a SavedModel to {f.output}")

@@ -35,25 +35,37 @@ def main(argv):
     config = FLAGS.config
     # What the command line set: model.weights may not contradict it (pretrained.py).
     overrides = config_flags.get_override_values(FLAGS["config"])
-    if FLAGS.mode == "train":
+    from bmask_jax.pretrained import user_errors
+    try:
+        failures, out_dir = run_mode(FLAGS.mode, config, FLAGS.workdir, overrides)
+    except user_errors() as e:
+        sys.exit(f"error: {e}")        # names the flag, file or URL; the traceback would bury it
+    if failures:
+        # Listed last, where they are seen; the exit status tells scripts.
+        from bmask_jax.predict import FAILURES_FILE
+        sys.exit(f"could not read {len(failures)} image(s), skipped (also in "
+                 f"{os.path.join(out_dir, FAILURES_FILE)}):\n"
+                 + "\n".join(f"  {f['error']}" for f in failures))      # the error names the file
+
+
+def run_mode(mode: str, config, workdir: str, overrides: dict) -> tuple[list, str | None]:
+    """Train, evaluate or predict; returns predict's failures and output folder."""
+    if mode == "train":
         from bmask_jax.train import train_and_evaluate
-        train_and_evaluate(config, FLAGS.workdir, overrides)
-    elif FLAGS.mode == "evaluate":
+        train_and_evaluate(config, workdir, overrides)
+    elif mode == "evaluate":
         from bmask_jax.evaluate import evaluate
         from bmask_jax.pretrained import inference_variables
-        config, variables = inference_variables(config, FLAGS.workdir, overrides)
-        evaluate(config, FLAGS.workdir, variables)
+        config, variables = inference_variables(config, workdir, overrides)
+        evaluate(config, workdir, variables)
     else:
-        from bmask_jax.predict import FAILURES_FILE, predict
-        out_dir = config.predict.output_dir or os.path.join(FLAGS.workdir, "predictions")
-        path, failures = predict(config, FLAGS.workdir, out_dir, overrides=overrides)
+        from bmask_jax.predict import predict
+        out_dir = config.predict.output_dir or os.path.join(workdir, "predictions")
+        path, failures = predict(config, workdir, out_dir, overrides=overrides)
         if path:
             print(f"wrote pictures and {path}")
-        if failures:
-            # Listed last, where they are seen; the exit status tells scripts.
-            sys.exit(f"could not read {len(failures)} image(s), skipped (also in "
-                     f"{os.path.join(out_dir, FAILURES_FILE)}):\n"
-                     + "\n".join(f"  {f['error']}" for f in failures))      # the error names the file
+        return failures, out_dir
+    return [], None
 
 
 def parse_flags(argv: list[str]) -> list[str]:

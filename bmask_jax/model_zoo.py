@@ -21,6 +21,10 @@ import os
 from bmask_jax import download
 
 
+class WeightsNotFoundError(FileNotFoundError):
+    """model.weights names no file, URL or zoo entry."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ZooEntry:
     name: str
@@ -107,7 +111,7 @@ def is_zoo_name(spec: str) -> bool:
 def weights_file(spec: str, progress: bool = True) -> str:
     """The local file of a model.weights value: a zoo name, a backbone name, an https:// or
     detectron2:// URL (downloaded into the cache once), or a local path. Raises FileNotFoundError
-    (a path or name that is neither) or download.DownloadError."""
+    (WeightsNotFoundError: a path or name that is neither) or download.DownloadError."""
     if spec in ENTRIES and ENTRIES[spec].manual:
         entry = ENTRIES[spec]
         path = entry.cache_path()
@@ -123,7 +127,7 @@ def weights_file(spec: str, progress: bool = True) -> str:
         return download.fetch(spec, progress=progress)
     path = os.path.expanduser(spec)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"model.weights={spec}: no such file, and not a URL or a model-zoo name "
+        raise WeightsNotFoundError(f"model.weights={spec}: no such file, and not a URL or a model-zoo name "
                                 f"(python -m bmask_jax.model_zoo lists them)")
     return path
 

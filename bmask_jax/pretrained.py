@@ -32,6 +32,14 @@ class WeightsConflictError(ValueError):
     """A command-line config value contradicts what the weights imply."""
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors of model.weights that are the user's to fix, each one line that names the
+    flag, file or URL: commands print them without a traceback."""
+    from bmask_jax.download import DownloadError
+    from bmask_jax.weights.errors import WeightImportError
+    return (WeightsConflictError, DownloadError, model_zoo.WeightsNotFoundError, WeightImportError)
+
+
 @dataclasses.dataclass
 class Weights:
     """A model.weights value, resolved: the file, its arrays, its kind and implied config."""
