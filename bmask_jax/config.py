@@ -128,8 +128,11 @@ def base() -> ml_collections.ConfigDict:
     e.num_pictures = 8                       # val images drawn into workdir/pictures
     # predict: image files and folders (comma-separated) -> pictures and predictions.json;
     # pictures of images smaller than min_picture_size are drawn enlarged (evaluation's too).
+    # Images of more pixels than max_image_pixels are skipped and listed (checked on the header,
+    # before decoding: a 20 KB PNG can declare 12000x12000); at most this many decoded pixels
+    # (plus one image) are held at a time.
     c.predict = ml_collections.ConfigDict(dict(inputs="", output_dir="", score_threshold=0.5,
-                                               min_picture_size=512))
+                                               min_picture_size=512, max_image_pixels=50_000_000))
     return c
 
 

@@ -35,10 +35,12 @@ def main(argv):
     config = FLAGS.config
     # What the command line set: model.weights may not contradict it (pretrained.py).
     overrides = config_flags.get_override_values(FLAGS["config"])
+    from bmask_jax.checkpoints import CheckpointError
     from bmask_jax.pretrained import user_errors
+    from bmask_jax.train import ClassCountError, NonFiniteLossError
     try:
         failures, out_dir = run_mode(FLAGS.mode, config, FLAGS.workdir, overrides)
-    except user_errors() as e:
+    except (*user_errors(), FileNotFoundError, ClassCountError, NonFiniteLossError, CheckpointError) as e:
         sys.exit(f"error: {e}")        # names the flag, file or URL; the traceback would bury it
     if failures:
         # Listed last, where they are seen; the exit status tells scripts.
@@ -71,11 +73,19 @@ def run_mode(mode: str, config, workdir: str, overrides: dict) -> tuple[list, st
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with one-line errors: a --config.* value of the wrong type (absl's own
     message), or an override naming a key the config does not have (ml_collections raises a
-    bare KeyError from deep inside; we name the flag and pass on its "did you mean")."""
+    bare KeyError from deep inside; we name the flag and pass on its "did you mean"), and a
+    --config file that does not exist (ml_collections would fail later, deep in the run)."""
+    check_config_file(argv)
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        FLAGS.config             # loads the file now: its errors are one line here, not a traceback later
+        return rest
     except flags.Error as e:
-        sys.exit(f"FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull to see help on flags.")
+        message = str(e)
+        if "Error whilst parsing config file" in message and "Traceback" in message:
+            # ml_collections puts the config file's traceback in the message: keep its last line.
+            message = message.split("\n", 1)[0].rstrip(": ") + ": " + message.strip().splitlines()[-1]
+        sys.exit(f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on flags.")
     except (KeyError, AttributeError) as e:
         message = e
         while isinstance(message, BaseException):
@@ -87,6 +97,23 @@ def parse_flags(argv: list[str]) -> list[str]:
         culprit = next((a for a in argv if a.startswith("--config.")
                         and missing in a.split("=")[0].split(".")), "a --config.* override")
         sys.exit(f"FATAL Flags parsing error: {culprit}: the config has no key {missing!r}. {hint}".rstrip())
+    except Exception as e:  # noqa: BLE001 - the config file's own error (an unknown variant, a bug in it)
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:
+            root = root.__cause__ or root.__context__
+        sys.exit(f"FATAL --config: {type(root).__name__}: {str(root).strip().splitlines()[-1]}")
+
+
+def check_config_file(argv: list[str]) -> None:
+    """Exit with one line if --config names a file that does not exist."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if value is None:
+            continue
+        path = value.split(":", 1)[0]
+        if not os.path.isfile(path):
+            sys.exit(f"FATAL --config {value}: no config file {os.path.abspath(path)}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,26 @@ def list_images(inputs: str) -> list[str]:
     return paths
 
 
+def picture_names(paths: list[str]) -> list[str]:
+    """The picture file of each input: <stem>.png; <name>.png where stems collide (same.jpg and
+    same.png -> same.jpg.png, same.png.png); <name>.<position>.png where whole names collide
+    (a/x.jpg and b/x.jpg). Nothing is overwritten."""
+    import collections
+    names = [os.path.basename(p) for p in paths]
+    stems = [os.path.splitext(n)[0] for n in names]
+    stem_count, name_count = collections.Counter(stems), collections.Counter(names)
+    out = []
+    for k, (name, stem) in enumerate(zip(names, stems)):
+        if stem_count[stem] == 1:
+            out.append(f"{stem}.png")
+        elif name_count[name] == 1:
+            out.append(f"{name}.png")
+        else:
+            out.append(f"{name}.{k}.png")
+    taken = collections.Counter(out)            # a.jpg.png from a.jpg beside a file named a.jpg.png
+    return [n if taken[n] == 1 else f"{n[:-4]}.{k}.png" for k, n in enumerate(out)]
+
+
 def predict(config, workdir: str, output_dir: str, predictor: Predictor | None = None,
             overrides: dict | None = None) -> tuple[str | None, list]:
     """Predict on config.predict.inputs: <name>.png per image and predictions.json (COCO
@@ -47,30 +67,41 @@ def predict(config, workdir: str, output_dir: str, predictor: Predictor | None =
     predictions.json or None on other processes, the failures: [{"file", "error"}] of every
     process). Unreadable files are skipped, listed in failed_images.json and returned. The model
     is workdir's newest checkpoint, else config.model.weights (the Predictor's rule)."""
+    paths = list_images(config.predict.inputs)     # a missing input is one error before the model is built
+    pictures = picture_names(paths)
     predictor = predictor or Predictor(config, workdir, score_threshold=config.predict.score_threshold,
                                        overrides=overrides)
     os.makedirs(output_dir, exist_ok=True)
-    paths = list_images(config.predict.inputs)
     mine = list(range(jax.process_index(), len(paths), jax.process_count()))
     results, failures = [], []
-    step = 4 * predictor.batch_size          # files decoded at a time: bounded memory, full batches
-    for start in range(0, len(mine), step):
-        readable, images = [], []
-        for k in mine[start:start + step]:
-            try:
-                images.append(load_rgb(paths[k]))
-                readable.append(k)
-            except ValueError as e:                # load_rgb names the file
-                logging.error("skipped: %s", e)
-                failures.append({"file": paths[k], "error": str(e)})
-        for k, image, inst in zip(readable, images, predictor.predict_arrays(images)):
-            name = os.path.basename(paths[k])
+    step = 4 * predictor.batch_size          # files decoded at a time: full batches ...
+    budget = config.predict.max_image_pixels  # ... and at most this many pixels (+ one image) held
+
+    def flush(group):
+        images = [image for _, image in group]
+        for (k, image), inst in zip(group, predictor.predict_arrays(images)):
             for r in to_coco_results(k + 1, inst, predictor.category_ids):
-                results.append(dict(r, file_name=name))
+                results.append(dict(r, file_name=os.path.basename(paths[k])))
             drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
                                    predictor.class_names, inst.get("boundaries"),
                                    min_size=config.predict.min_picture_size)
-            save_image(os.path.join(output_dir, os.path.splitext(name)[0] + ".png"), drawn)
+            save_image(os.path.join(output_dir, pictures[k]), drawn)
+
+    group, pixels = [], 0
+    for k in mine:
+        try:
+            image = load_rgb(paths[k], max_pixels=budget)
+        except ValueError as e:                    # load_rgb names the file
+            logging.error("skipped: %s", e)
+            failures.append({"file": paths[k], "error": str(e)})
+            continue
+        group.append((k, image))
+        pixels += image.shape[0] * image.shape[1]
+        if len(group) >= step or pixels >= budget:
+            flush(group)
+            group, pixels = [], 0
+    if group:
+        flush(group)
     results = sharding.gather_to_main(results)
     failures = sharding.gather_to_main(failures)
     if results is None:

@@ -24,31 +24,18 @@ import numpy as np
 from bmask_jax import sharding
 from bmask_jax.data.images import load_rgb
 from bmask_jax.data.pipeline import eval_plan
-from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge
+from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge, rgb_array
 from bmask_jax.evaluate import DETECT_KEYS, global_eval_batch, make_detector
 from bmask_jax.postprocess import image_instances
 from bmask_jax.pretrained import inference_variables, recorded_config
 
 
-
-def as_rgb(image, name: str = "image") -> np.ndarray:
-    """An image given as a path or an array -> RGB uint8 [H, W, 3]. Arrays may be [H, W]
-    (grey), [H, W, 3] (RGB) or [H, W, 4] (alpha dropped), of uint8 or of floats in [0, 255]."""
+def as_rgb(image, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
+    """An image given as a path or an array -> RGB uint8 [H, W, 3] (transforms.rgb_array's rule
+    for arrays, shared with serving.ExportedModel). Files above max_pixels are refused."""
     if isinstance(image, (str, os.PathLike)):
-        return load_rgb(os.fspath(image))                  # ValueError naming the file
-    a = np.asarray(image)
-    if a.ndim == 2:
-        a = np.repeat(a[..., None], 3, axis=2)
-    if a.ndim != 3 or a.shape[2] not in (3, 4) or 0 in a.shape:
-        raise ValueError(f"{name}: expected an RGB array [H, W, 3] (or [H, W] grey, [H, W, 4] RGBA), "
-                         f"got shape {a.shape}")
-    a = a[..., :3]
-    if a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.number) or np.isnan(a).any() or a.min() < 0 or a.max() > 255:
-            raise ValueError(f"{name}: expected uint8 pixel values (or numbers in [0, 255]), got {a.dtype} "
-                             f"in [{a.min()}, {a.max()}]")
-        a = np.round(a).astype(np.uint8)
-    return a
+        return load_rgb(os.fspath(image), max_pixels)      # ValueError naming the file
+    return rgb_array(image, name)
 
 
 def dataset_labels(config) -> tuple[list[str], list[int]]:
@@ -144,7 +131,7 @@ class Predictor:
         [N, H, W] bool where the mask head predicts them (BMask and Sobel heads)."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        arrays = [as_rgb(x, f"image {i}") for i, x in enumerate(items)]
+        arrays = [as_rgb(x, f"image {i}", self.config.predict.max_image_pixels) for i, x in enumerate(items)]
         out = self.predict_arrays(arrays)
         return out[0] if single else out
 

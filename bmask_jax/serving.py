@@ -20,18 +20,11 @@ import numpy as np
 from jax import export
 
 from bmask_jax.data.pipeline import eval_plan
-from bmask_jax.data.transforms import prepare_example, resize_image_numpy
+from bmask_jax.data.transforms import prepare_example, resize_image_numpy, rgb_array
 from bmask_jax.postprocess import image_instances
 
 SERVING_FILE = "serving.json"      # as bmask_jax.export writes them
 SUPPORTED_VERSION = 1
-
-
-def rgb_uint8(image) -> np.ndarray:
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image.dtype} {image.shape}")
-    return image
 
 
 class ExportedModel:
@@ -63,7 +56,9 @@ class ExportedModel:
         self.variables = jax.device_put(variables)
 
     def __call__(self, images):
-        """One RGB uint8 array [H, W, 3] -> its instances; a list -> a list of them."""
+        """One image array -> its instances; a list -> a list of them. Arrays follow the
+        Predictor's rule (transforms.rgb_array): RGB, grey or RGBA, uint8 or numbers in [0, 255];
+        a bad one fails the call with a ValueError naming its index ("image 2: ...")."""
         single = isinstance(images, np.ndarray)
         out = self.predict_arrays([images] if single else list(images))
         return out[0] if single else out
@@ -71,9 +66,10 @@ class ExportedModel:
     def predict_arrays(self, images: list[np.ndarray]) -> list[dict]:
         """Images prepared as the Predictor prepares them (Pillow's resize, in numpy), run in
         batches that share a canvas bucket."""
-        prepared = [prepare_example({"image": rgb_uint8(im)}, self.meta["test_short_side"], self.meta["max_size"],
+        arrays = [rgb_array(im, f"image {i}") for i, im in enumerate(images)]     # all checked first
+        prepared = [prepare_example({"image": a}, self.meta["test_short_side"], self.meta["max_size"],
                                     self.buckets, False, 0, 0, with_gt=False, resize=resize_image_numpy)
-                    for im in images]
+                    for a in arrays]
         results: list = [None] * len(images)
         for chunk in eval_plan([p["image"].shape[:2] for p in prepared], self.batch_size):
             chunk = [i for i in chunk if i >= 0]          # the batch size is symbolic: no padding

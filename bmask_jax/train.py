@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -64,6 +65,19 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class ClassCountError(ValueError):
+    pass
+
+
+def check_class_count(config, dataset) -> None:
+    """model.num_classes must be the dataset's class count: a mismatch trains (labels past the
+    logits) and only shows later as a non-finite loss."""
+    theirs, ours = len(dataset.class_names), config.model.num_classes
+    if theirs != ours:
+        raise ClassCountError(f"model.num_classes={ours} but the training data (data.dataset={config.data.dataset!r}) "
+                              f"has {theirs} classes: set --config.model.num_classes={theirs}")
+
+
 class _Preemption:
     """Turns SIGTERM into a flag the loop checks between steps."""
 
@@ -84,8 +98,8 @@ def _check_finite(state: TrainState, losses: dict | None, skip: bool) -> None:
         terms = "" if losses is None else ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(losses.items()))
         raise NonFiniteLossError(
             f"non-finite loss or gradient at step {bad} (latest logged terms: {terms}); parameters "
-            "were not updated and no checkpoint was written after it. Set train.skip_nonfinite=True "
-            "to skip such steps instead.")
+            "were not updated and no checkpoint was written after it. Check the learning rate and the "
+            "data; if only a few steps are affected, train.skip_nonfinite=True skips them (counted).")
 
 
 def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> dict:
@@ -97,6 +111,10 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
         raise ValueError("model.roi_heads.max_adaptive_samples=0 (uncapped adaptive RoIAlign sampling) is for "
                          "inference only: its loop length depends on the boxes, so it has no gradient. "
                          "Train with a cap (e.g. 4, the default) or with model.roi_heads.sampling_ratio=2")
+    # The data first: a missing folder or a class-count mismatch is one error before anything
+    # is built or written.
+    dataset = build_dataset(config.data, config.data.train_split)
+    check_class_count(config, dataset)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh()
     is_main = jax.process_index() == 0
@@ -104,8 +122,10 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
     config, weights = pretrained.resolve(config, workdir, overrides, progress=is_main)
     model = BMaskRCNN(config.model)
     state, tx = create_train_state(config, model, jax.random.PRNGKey(config.seed))
+    if is_main:
+        checkpoints.remove_partial_saves(workdir)
     mgr = checkpoints.manager(workdir, config.train.keep_checkpoints)
-    restored = checkpoints.restore_latest(mgr, state)
+    restored = checkpoints.restore_latest(mgr, state, set_aside_damaged=is_main)
     if restored is not None:
         state = restored
         logging.info("resumed from %s at step %d", mgr.directory, int(state.step))
@@ -118,9 +138,11 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
     t = config.train
     step_fn = jit_train_step(config, model, tx, mesh)
 
-    dataset = build_dataset(config.data, config.data.train_split)
     loader = TrainBatches(dataset, config.data, t.batch_size, config.seed, jax.process_index(),
                           jax.process_count(), config.data.num_workers)
+    if is_main:
+        # Steps after the checkpoint we resume from will run again: their records go.
+        cut_logs_to(workdir, int(state.step))
     writer = _metric_writer(workdir) if is_main else None
     # Which images each step trained on (this process's share): the record that a resumed
     # run replays the same data in the same order, and where to look when a step goes wrong.
@@ -143,6 +165,7 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
         batch, image_ids = to_devices(start) if start < t.max_iter else (None, None)
         for step in range(start, t.max_iter):
             state, metrics = step_fn(state, batch)
+            checkpoints.check(mgr)          # a failed asynchronous save stops training here
             if is_main:
                 image_log.write(json.dumps({"step": step + 1, "image_ids": image_ids}) + "\n")
             # The step runs asynchronously: the next batch is prepared and sent to the devices
@@ -171,8 +194,12 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
             if stop:
                 logging.warning("SIGTERM: saved a checkpoint at step %d and stopped", done)
                 break
+    except BaseException:
+        checkpoints.finish(mgr, raise_errors=False)
+        raise
+    else:
+        checkpoints.finish(mgr)
     finally:
-        mgr.wait_until_finished()
         loader.close()
         if is_main:
             image_log.close()
@@ -192,6 +219,13 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
             json.dump(summary, f, indent=2)
     if int(state.step) < t.max_iter:   # stopped early by SIGTERM
         return {}
+    ran = int(state.step) - start
+    if ran > 0 and int(state.num_skipped) >= int(state.step) and t.skip_nonfinite:
+        # Every step so far was skipped: the parameters are the initial ones; evaluating them
+        # would report a model that never trained.
+        raise NonFiniteLossError(f"all {int(state.step)} steps were skipped as non-finite (train.skip_nonfinite=True): "
+                                 "the model did not train; not evaluating. Check the learning rate, the data and "
+                                 "model.num_classes")
     if t.eval_at_end:
         from bmask_jax import evaluate
         # Every process takes part; process 0 gathers the detections and returns the metrics.
@@ -210,6 +244,39 @@ def _progress(start: int, total: int, enabled: bool):
                 mininterval=2.0)
 
 
+LOGS = ("metrics.jsonl", "image_order.jsonl")
+
+
+def cut_logs_to(workdir: str, step: int) -> None:
+    """Keep only the records of steps <= step in the per-step logs: a resumed run repeats the
+    steps after its checkpoint, and each step must appear once."""
+    for name in LOGS:
+        path = os.path.join(workdir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+        if len(kept) != len(lines):
+            with open(path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(path + ".tmp", path)
+            logging.warning("%s: dropped %d record(s) after step %d, the step this run resumes from", path,
+                            len(lines) - len(kept), step)
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None                     # a line cut short by a crash
+
+
+def json_safe(values: dict) -> dict:
+    """Non-finite floats as the strings "nan", "inf", "-inf": strict JSON has no NaN."""
+    return {k: v if not isinstance(v, float) or math.isfinite(v) else str(v) for k, v in values.items()}
+
+
 def _metric_writer(workdir: str):
     """Metrics to workdir/metrics.jsonl and TensorBoard event files in workdir/tensorboard."""
     from tensorboardX import SummaryWriter
@@ -218,7 +285,7 @@ def _metric_writer(workdir: str):
 
     def write(step: int, values: dict) -> None:
         with open(path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.write(json.dumps({"step": step, **json_safe(values)}) + "\n")
         for k, v in values.items():
             tb.add_scalar(f"train/{k}", v, step)
         tb.flush()

@@ -31,5 +31,8 @@ def test_unknown_or_mistyped_config_keys_are_named(tmp_path, override, expected)
 
 
 def test_missing_config_file_and_unknown_variant_are_named(tmp_path):
-    assert "nope.py" in _run(tmp_path, "--config", "configs/nope.py")
-    assert "unknown config variant 'huge'" in _run(tmp_path, "--config", "configs/bmask_rcnn.py:huge")
+    """One line each (before anything is built), not a traceback from inside the run."""
+    err = _run(tmp_path, "--config", "configs/nope.py")
+    assert err.strip() == f"FATAL --config configs/nope.py: no config file {os.path.join(REPO, 'configs', 'nope.py')}"
+    err = _run(tmp_path, "--config", "configs/bmask_rcnn.py:huge")
+    assert "unknown config variant 'huge'" in err.splitlines()[0] and "Traceback" not in err

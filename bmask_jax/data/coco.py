@@ -71,6 +71,8 @@ class CocoJsonDataset:
                 gt = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{json_path} is not valid JSON: {e}") from e
+        if not image_dir or not os.path.isdir(image_dir):
+            raise FileNotFoundError(f"data.coco_images={image_dir!r}: no such folder (the images of {json_path})")
         for key in ("images", "annotations", "categories"):
             if key not in gt:
                 raise ValueError(f"{json_path} has no '{key}' list; is it a COCO instances file?")

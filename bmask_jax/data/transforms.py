@@ -7,6 +7,29 @@ from typing import Sequence
 import numpy as np
 
 
+def rgb_array(image, name: str = "image") -> np.ndarray:
+    """An image array -> RGB uint8 [H, W, 3]: [H, W] (grey), [H, W, 3] (RGB) or [H, W, 4]
+    (alpha dropped), of uint8 or of numbers in [0, 255]. Anything else, an empty image
+    included, is a ValueError that starts with `name` ("image 3": its index in a list). The
+    Predictor and serving.ExportedModel apply this rule to every image of a call before running
+    any: one bad image fails the call, naming its index, and nothing is served."""
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if 0 in a.shape:
+        raise ValueError(f"{name}: empty image, shape {a.shape}")
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"{name}: expected an RGB array [H, W, 3] (or [H, W] grey, [H, W, 4] RGBA), "
+                         f"got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.number) or np.isnan(a).any() or a.min() < 0 or a.max() > 255:
+            raise ValueError(f"{name}: expected uint8 pixel values (or numbers in [0, 255]), got {a.dtype} "
+                             f"in [{a.min()}, {a.max()}]")
+        a = np.round(a).astype(np.uint8)
+    return a
+
+
 def resize_shortest_edge(hw: tuple[int, int], short: int, max_size: int) -> tuple[int, int]:
     """detectron2's ResizeShortestEdge: short side to `short`, long side at most `max_size`."""
     h, w = hw

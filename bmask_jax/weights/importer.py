@@ -74,8 +74,7 @@ def import_weights(config, source: str, output: str, kind: str = "auto",
                               "choose an empty --output")
     state, report = imported_state(config, checkpoint, kind, source)
     checkpoints.save(mgr, 0, state, force=True)
-    mgr.wait_until_finished()
-    mgr.close()
+    checkpoints.finish(mgr)
     with open(os.path.join(output, "weights_import.json"), "w") as f:
         json.dump(dict(report.to_dict(), config_differences=differ, config_changes_applied=apply_changes,
                        flags=config_flags_for({k: new for k, (_, new) in differ.items()})), f, indent=2, default=str)
