@@ -235,15 +235,19 @@ def restore_latest(mgr: ocp.CheckpointManager, abstract_state, set_aside_damaged
             except Exception as e:  # noqa: BLE001 - tensorstore, orbax and OS errors alike
                 problem = _first_line(e)
             else:
+                for bad, why in damaged:
+                    # Moved aside only now that an intact step exists: with none, the next run
+                    # must stop again rather than start afresh.
+                    where = f"moved to {_set_aside(bad)}" if set_aside_damaged else "left in place"
+                    logging.warning("checkpoint %s is damaged (%s): skipped, %s", bad, why, where)
                 if damaged:
                     logging.warning("using step %d, the newest intact checkpoint", step)
                     if set_aside_damaged:
                         mgr.reload()           # the moved steps are no longer the manager's
                 return restored
-        logging.warning("checkpoint %s is damaged (%s): skipped%s", path, problem,
-                        f", moved to {_set_aside(path)}" if set_aside_damaged else ", left in place")
-        damaged.append(f"{path} ({problem})")
-    raise CheckpointError(f"no intact checkpoint under {folder}: " + "; ".join(damaged))
+        damaged.append((path, problem))
+    raise CheckpointError(f"no intact checkpoint under {folder}: "
+                          + "; ".join(f"{path} ({why})" for path, why in damaged))
 
 
 def _set_aside(path: str) -> str:

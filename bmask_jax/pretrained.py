@@ -113,15 +113,14 @@ def resolve(config, workdir: str | None = None, overrides: dict[str, Any] | None
     --config.* values, checked against the implied ones."""
     spec = config.model.weights
     step = checkpoint_step(workdir)
-    if step is not None:
+    if step is not None or not spec:
+        # The parameters come from the workdir (or from nowhere yet): so does their config.
         config = recorded_config(config, workdir, overrides)
-        if spec:
+        if step is not None and spec:
             logging.warning("%s holds a checkpoint (step %d): starting from it; model.weights=%s is not applied",
                             os.path.join(workdir, "checkpoints"), step, spec)
         return config, None
-    config = recorded_config(config, workdir, overrides)
-    if not spec:
-        return config, None
+    config = config.copy_and_resolve_references()
     path = model_zoo.weights_file(spec, progress=progress)
     checkpoint = read_checkpoint(path)
     kind = detect_kind(checkpoint, path)

@@ -7,6 +7,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 
+class _Refused(ValueError):
+    """An image refused before decoding (its message is complete)."""
+
+
 def load_rgb(path: str, max_pixels: int | None = None) -> np.ndarray:
     """RGB uint8 [H, W, 3] with EXIF orientation applied; grayscale, RGBA (alpha dropped) and
     16-bit images are converted. Unreadable or missing files, decompression bombs and images of
@@ -29,7 +33,7 @@ def decode_rgb(data: bytes, name: str = "<bytes>", max_pixels: int | None = None
             if max_pixels and w * h > max_pixels:
                 # A small file can declare a huge image (a PNG of one colour): refuse it before
                 # decoding rather than hold w * h * 3 bytes and their copies.
-                raise ValueError(f"cannot read image {name}: {w}x{h} is {w * h / 1e6:.0f} MP, more than "
+                raise _Refused(f"cannot read image {name}: {w}x{h} is {w * h / 1e6:.0f} MP, more than "
                                  f"predict.max_image_pixels={max_pixels}")
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -37,6 +41,8 @@ def decode_rgb(data: bytes, name: str = "<bytes>", max_pixels: int | None = None
                 arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
                 return np.repeat(arr[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"))
+    except _Refused:
+        raise
     except Image.UnidentifiedImageError as e:     # its message names a BytesIO, not the file
         raise ValueError(f"cannot read image {name}: not an image format Pillow can read") from e
     except Image.DecompressionBombError as e:     # not an OSError: it would end the whole run
