@@ -87,9 +87,8 @@ def export_model(config, output: str, workdir: str | None = None, variables: dic
                  platforms=None, class_names=None, overrides: dict | None = None) -> dict:
     """Write the jax.export artifacts of `config`'s model (weights from `variables`, else
     workdir's latest checkpoint, else config.model.weights) into `output`; returns the serving
-    metadata. The files go to a
-    temporary folder first and are moved in only when all are written: an interrupted export
-    leaves no partial model behind."""
+    metadata. The files go to a temporary folder first and are moved in only when all are
+    written: an interrupted export leaves no partial model behind."""
     config, variables = _model(config, workdir, variables, overrides)
     if class_names is None:
         class_names, category_ids = dataset_labels(config)
@@ -196,11 +195,12 @@ def main(argv):
     from ml_collections import config_flags
     f = flags.FLAGS
     overrides = config_flags.get_override_values(f["config"])
+    from bmask_jax.checkpoints import CheckpointError
     from bmask_jax.pretrained import user_errors
     try:
         _export(f, overrides)
-    except user_errors() as e:
-        sys.exit(f"error: {e}")
+    except (*user_errors(), CheckpointError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")        # names the file, step or URL
 
 
 def _export(f, overrides):
