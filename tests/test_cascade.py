@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.box_head import relabel_boxes, scale_gradient
@@ -30,6 +31,7 @@ def test_relabel_boxes_by_hand():
     assert out["valid"].tolist() == [True, True, False, False]
 
 
+@pytest.mark.slow
 def test_cascade_bmask_trains_and_detects():
     c = tiny_config("bmask")
     c.model.roi_heads.cascade.enabled = True

@@ -226,6 +226,7 @@ def test_bad_inputs_name_the_path(tree, tmp_path):
         ds[0]
 
 
+@pytest.mark.slow
 def test_trains_and_evaluates_from_the_official_folders(tree, tmp_path):
     root, _ = tree
     full = cityscapes_config.get_config()

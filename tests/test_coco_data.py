@@ -16,6 +16,7 @@ from bmask_jax.train import train_and_evaluate
 from helpers import tiny_config
 
 
+@pytest.mark.slow
 def test_coco_json_dataset_trains_and_evaluates_from_files(tmp_path):
     train_json = SyntheticShapes("train", num_images=8, image_size=(64, 64), max_instances=3).export_coco(str(tmp_path / "train"))
     val_json = SyntheticShapes("val", num_images=4, image_size=(64, 64), max_instances=3).export_coco(str(tmp_path / "val"))
@@ -166,6 +167,7 @@ def test_rle_of_the_wrong_size_is_named(tmp_path):
         ds[0]
 
 
+@pytest.mark.slow
 def test_evaluate_counts_annotation_id_zero(tmp_path, monkeypatch):
     # A COCO-format ground truth numbered from 0, as some annotation tools write it, through
     # the evaluate path (dataset files -> detections -> COCO metrics), with the detections

@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 

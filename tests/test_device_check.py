@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("mask_rcnn", "bmask_rcnn")
@@ -16,6 +17,7 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_smoke_writes_every_row(tmp_path):
     out = tmp_path / "x.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,

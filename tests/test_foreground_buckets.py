@@ -3,6 +3,7 @@ that changes neither the losses nor the gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN, foreground_slot_sizes
@@ -35,6 +36,7 @@ def _losses_and_grads_fn(config, variables):
     return run
 
 
+@pytest.mark.slow
 def test_bucketed_mask_branch_equals_all_slots():
     c = tiny_config("bmask")
     # 16 foreground slots per image and buckets of 1 and 2; the steps below have 1 to 3

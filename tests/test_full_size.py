@@ -10,6 +10,8 @@ from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.state import create_train_state, dummy_batch
 from bmask_jax.train import train_step
 
+pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not
+
 
 @pytest.mark.parametrize("config_module", [bmask_rcnn])
 def test_r50_fpn_coco_step_and_inference(config_module):

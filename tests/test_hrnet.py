@@ -3,6 +3,7 @@ multi-resolution fusion against numpy, freezing, and BMask R-CNN training on a t
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from helpers import first_batch, tiny_config
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -192,6 +193,7 @@ def test_freeze_at_2_stops_stem_and_stage1():
     assert {"stem_conv1", "stem_conv2", "res2_0", "transition1_0_conv", "stage4_0"} <= set(grads)
 
 
+@pytest.mark.slow
 def test_bmask_rcnn_trains_with_a_tiny_hrnet():
     c = tiny_config()
     # FrozenBN (the pretrained setting) rather than the from-scratch GN compiles much faster.

@@ -8,6 +8,7 @@ import pytest
 from bmask_jax.models import cpu_kernels, layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,kernel,padding,stride,own_gradient", [
     ((2, 96, 100, 256), (3, 3), ((1, 1), (1, 1)), 1, True),    # above TAPS_MIN_ROWS: taps dW
     ((1, 130, 130, 256), (3, 3), ((2, 0), (1, 3)), 1, True),   # asymmetric padding
@@ -117,6 +118,7 @@ def test_deconv_routes_agree():
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_model_losses_and_gradients_equal_on_both_kernels(monkeypatch):
     """The tiny BMask R-CNN, one training forward and backward with "xla" and with "cpu"
     kernels: every loss term and every parameter gradient agree (rtol 1e-4). The thresholds

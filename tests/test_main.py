@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from bmask_jax.data.synthetic import SyntheticShapes
@@ -13,6 +14,7 @@ from bmask_jax.train import train_and_evaluate
 from helpers import tiny_config
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_end_to_end(tmp_path):
     c = tiny_config("maskrcnn")
     c.train.max_iter = 3

@@ -88,6 +88,7 @@ def _init_through_detect(config, model, rng):
                     dummy)(dummy)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_trains_and_detects(name, batch, monkeypatch):
     head, overrides, extra_keys = VARIANTS[name]

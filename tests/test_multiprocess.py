@@ -20,6 +20,8 @@ from bmask_jax.evaluate import evaluate
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.state import create_train_state, restore_variables
 
+pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 # Two canvas buckets: the processes' images land in different ones at some steps, so they

@@ -11,6 +11,8 @@ from bmask_jax.state import restore_variables
 from bmask_jax.train import NonFiniteLossError, train_and_evaluate
 from helpers import tiny_config
 
+pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not
+
 
 def _exploding_config():
     c = tiny_config("maskrcnn")

@@ -57,6 +57,7 @@ def kernel(variables):
 # checkpoints
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "deleted", "metadata", "empty_newer"])
 def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(trained, tmp_path, caplog, damage):
     workdir = copy_of(trained, tmp_path)
@@ -91,6 +92,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_intact(trained, tmp_
     assert os.path.isdir(newest)                              # never deleted
 
 
+@pytest.mark.slow
 def test_resume_moves_a_damaged_step_aside_and_no_intact_step_is_one_line(trained, tmp_path, caplog):
     workdir = copy_of(trained, tmp_path)
     folder = checkpoints.directory(workdir)
@@ -138,6 +140,7 @@ def _train_cli(workdir, max_iter):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", ["bytes", "inodes"])
 def test_full_disk_stops_training_with_one_line_and_resume_cleans_up(tmp_path, limit):
     """On a small tmpfs: 10 MiB holds one tiny checkpoint (7 MiB), not two (the save is refused
@@ -207,6 +210,7 @@ def test_picture_names_never_overwrite():
     assert len(set(picture_names(["d/a.jpg", "d/a.png", "d/a.jpg.png"]))) == 3
 
 
+@pytest.mark.slow
 def test_predict_lists_bombs_and_keeps_every_picture(trained, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -228,6 +232,7 @@ def test_predict_lists_bombs_and_keeps_every_picture(trained, tmp_path):
     assert "could not read 2 image(s)" in done.stderr
 
 
+@pytest.mark.slow
 def test_predictor_and_exported_model_name_the_bad_image_of_a_list(trained, tmp_path):
     from bmask_jax import Predictor
     from bmask_jax.export import export_model
@@ -256,6 +261,7 @@ def test_class_count_is_checked_before_anything_is_built(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_a_run_whose_every_step_was_skipped_fails(tmp_path):
     c = small_config(skip_nonfinite=True, max_iter=3, log_every=1)
     c.model.rpn.loss_weight = float("nan")           # every loss is NaN: every step is skipped

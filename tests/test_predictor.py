@@ -78,6 +78,7 @@ def assert_same_instances(a: dict, b: dict):
     assert (a["masks"] != b["masks"]).mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_predictor_any_sizes_batched_over_buckets(workdir):
     c = predictor_config()
     predictor = bmask_jax.Predictor(c, workdir)
@@ -149,6 +150,7 @@ def _folder(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_predict_skips_unreadable_files_and_draws_small_images_upscaled(workdir, tmp_path):
     c = predictor_config()
     c.predict.inputs = str(_folder(tmp_path))
@@ -172,6 +174,7 @@ def test_predict_skips_unreadable_files_and_draws_small_images_upscaled(workdir,
         np.testing.assert_allclose(sorted(p["score"] for p in mine), sorted(ref[k]["scores"]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_command_lists_bad_files_and_exits_nonzero(workdir, tmp_path):
     folder = _folder(tmp_path)
     out_dir = tmp_path / "cli"

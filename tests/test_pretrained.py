@@ -257,6 +257,7 @@ def fc1_kernel(arrays):
     return arrays["roi_heads.mask_head.mask_fcn1.weight"].transpose(2, 3, 1, 0)
 
 
+@pytest.mark.slow
 def test_train_starts_from_weights_once_and_resume_ignores_them(server, tmp_path, caplog):
     from bmask_jax.state import restore_variables
     from bmask_jax.train import train_and_evaluate
@@ -283,6 +284,7 @@ def test_train_starts_from_weights_once_and_resume_ignores_them(server, tmp_path
     assert len(server.requests) == 1
 
 
+@pytest.mark.slow
 def test_evaluate_and_predictor_apply_weights_without_training(server, tmp_path):
     from bmask_jax import Predictor
     from bmask_jax.evaluate import evaluate
@@ -339,6 +341,7 @@ def run_main(*args, env_extra=None):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_main_evaluate_with_weights_url_and_a_contradicting_flag(server, tmp_path, cache):
     c = frozen_bn_tiny()
     url, _ = served_checkpoint(server, c)

@@ -9,9 +9,12 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from bmask_jax.state import restore_variables
 from configs import bmask_rcnn
+
+pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -41,6 +41,7 @@ def _assert_same(a: list[dict], b: list[dict]):
             assert (x["boundaries"] != y["boundaries"]).mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_export_command_and_serving_without_flax(workdir, tmp_path):  # noqa: F811
     """The command writes one artifact per bucket; a fresh interpreter serves it, importing
     neither flax nor the model code nor Pillow, and returns the Predictor's detections."""
@@ -85,6 +86,7 @@ print('LOADED', loaded)
         ExportedModel(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_r50_fpn_exported_matches_predictor(tmp_path):
     """The COCO R50-FPN (80 classes, FrozenBN, Mask R-CNN head) with random weights, on a
     reduced canvas; the images are resized (by Pillow in the Predictor, by numpy in serving)."""

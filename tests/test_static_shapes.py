@@ -5,6 +5,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -13,6 +14,7 @@ from bmask_jax.train import MODEL_KEYS, train_and_evaluate, train_step
 from helpers import tiny_config
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_per_canvas_bucket(tmp_path):
     c = tiny_config("maskrcnn")
     # 96x96 images resized to a short side of 64 or 96: two canvas buckets, mixed batches.
@@ -25,6 +27,7 @@ def test_train_step_compiles_once_per_canvas_bucket(tmp_path):
     assert summary["train_step_compiles"] == 2
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_close_losses():
     losses = {}
     for dtype in ("float32", "bfloat16"):

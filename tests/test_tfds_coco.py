@@ -234,6 +234,7 @@ def test_cli_runs_as_a_module(tmp_path):
     assert bad.returncode == 2 and "--json_train" in bad.stderr
 
 
+@pytest.mark.slow
 def test_trains_and_evaluates_from_tfds(prepared, tmp_path):
     splits, data_dir = prepared
     c = tiny_config("maskrcnn")

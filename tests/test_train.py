@@ -90,6 +90,7 @@ def test_optimizers_against_torch_semantics(name):
         make_optimizer(c, params)
 
 
+@pytest.mark.slow
 def test_frozen_parameters_do_not_move():
     c = tiny_config()
     c.model.backbone.freeze_at = 2
@@ -104,6 +105,7 @@ def test_frozen_parameters_do_not_move():
                            after["res3_0"]["conv1"]["Conv_0"]["kernel"])
 
 
+@pytest.mark.slow
 def test_training_loss_falls_on_a_fixed_batch():
     # Each step samples other RoIs, so the loss is noisy; at the default LR (0.02) the
     # trajectory on one fixed batch of 2 images is chaotic from step ~10 (float noise of
@@ -122,6 +124,7 @@ def test_training_loss_falls_on_a_fixed_batch():
     assert np.mean(totals[-10:]) < 0.75 * np.mean(totals[:3]), totals
 
 
+@pytest.mark.slow
 def test_train_loop_writes_metrics_checkpoints_and_resumes(tmp_path):
     c = tiny_config()
     c.train.max_iter = 4
@@ -150,6 +153,7 @@ def test_uncapped_adaptive_roi_align_is_refused_for_training(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_images_without_instances_train_with_finite_losses():
     """An image with no annotations (or only crowd ones, which prepare_example leaves out)
     has no valid GT: every anchor and RoI is background, the box and mask losses are zero."""

@@ -673,6 +673,7 @@ def test_backbone_import_keeps_the_rest_and_lists_it():
     assert "initialised fresh" in str(report)
 
 
+@pytest.mark.slow
 @needs_torch
 def test_detectron2_checkpoint_detections_survive_orbax_round_trip(tmp_path):
     c = frozen_bn_config()
@@ -722,6 +723,7 @@ def test_import_command_writes_a_checkpoint_evaluate_can_restore(tmp_path):
         weights.import_weights(c, str(source), str(out))
 
 
+@pytest.mark.slow
 @needs_torch
 def test_import_command_line(tmp_path):
     """`python -m bmask_jax.weights` end to end on a tiny config (a subprocess)."""
