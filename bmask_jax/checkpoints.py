@@ -204,8 +204,11 @@ def _quick_problem(path: str) -> str | None:
             return f"{required} is missing"
     manifest = os.path.join(path, MANIFEST)
     if os.path.exists(manifest):
-        with open(manifest) as f:
-            sizes = json.load(f)
+        try:
+            with open(manifest) as f:
+                sizes = dict(json.load(f))
+        except (OSError, ValueError, TypeError):
+            return f"{MANIFEST} is unreadable"
         for rel, size in sorted(sizes.items()):
             file = os.path.join(path, rel)
             if not os.path.exists(file):
