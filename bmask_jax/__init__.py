@@ -2,7 +2,7 @@
 
 
 def __getattr__(name):
-    # Lazily, so that `import bmask_jax.serving` (jax and numpy only) does not load the model.
+    # Lazily, so that `import bmask_jax.serving` (jax, numpy and flatbuffers only) does not load the model.
     if name == "Predictor":
         from bmask_jax.predictor import Predictor
         return Predictor

@@ -10,7 +10,7 @@
     weights.npz         the variables, one array per "params/..." / "frozen/..." path;
     serving.json        what serving needs to prepare images and read the detections: canvas
                         buckets, resize sizes, mask threshold, class names and category ids.
-`bmask_jax.serving.ExportedModel(DIR)` runs it with jax and numpy alone.
+`bmask_jax.serving.ExportedModel(DIR)` runs it with jax, numpy and flatbuffers alone.
 
 --format saved_model writes a TensorFlow SavedModel through jax2tf (TensorFlow must be
 installed; it is not a dependency of bmask_jax): one signature per canvas bucket,

@@ -1,4 +1,4 @@
-"""Serve a model exported with `python -m bmask_jax.export`, with jax and numpy alone: no flax,
+"""Serve a model exported with `python -m bmask_jax.export`, with jax, numpy and flatbuffers alone: no flax,
 no model code, no Pillow, no pycocotools.
 
     from bmask_jax.serving import ExportedModel
