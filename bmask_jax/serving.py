@@ -1,5 +1,5 @@
-"""Serve a model exported with `python -m bmask_jax.export`, with jax, numpy and flatbuffers alone: no flax,
-no model code, no Pillow, no pycocotools.
+"""Serve a model exported with `python -m bmask_jax.export`, with jax, numpy and flatbuffers
+(jax.export's deserializer) alone: no flax, no model code, no Pillow, no pycocotools.
 
     from bmask_jax.serving import ExportedModel
     model = ExportedModel("exported/shapes_bmask")
