@@ -172,7 +172,7 @@ def shapes(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t = c.train
     t.batch_size = 8
     # AdamW trains this from-scratch model in 480 steps to the mask AP that detectron2's SGD
-    # (lr 0.02) reached in 800 (README): a first run in under 5 minutes on 2 CPU cores.
+    # (lr 0.02) reached in 800 (docs/getting_started.md): a first run in under 5 minutes on 2 CPU cores.
     t.optimizer = "adamw"
     t.base_lr = 0.002
     t.weight_decay = 0.05
@@ -239,7 +239,7 @@ def hrnet_coco(c: ml_collections.ConfigDict, width: int = 32) -> ml_collections.
     c.model.backbone.update(name="hrnet", norm="FrozenBN", freeze_at=0)
     c.model.backbone.hrnet.widths = (width, 2 * width, 4 * width, 8 * width)
     # HRNet's ImageNet weights have no stable URL (HRNet-Image-Classification's OneDrive) and
-    # the weight import reads ResNet layouts only: this variant starts from scratch (README).
+    # the weight import reads ResNet layouts only: this variant starts from scratch (docs/model_zoo.md).
     c.model.weights = ""
     return c
 

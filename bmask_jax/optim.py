@@ -60,7 +60,7 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
            to the gradient before momentum;
     adamw  torch.optim.AdamW: Adam with decoupled weight decay (p -= lr * wd * p), betas
            train.adam_betas. The embedded default trains its from-scratch model with it: it
-           reaches in 480 steps the mask AP that SGD needed 800 for (README).
+           reaches in 480 steps the mask AP that SGD needed 800 for (docs/getting_started.md).
     """
     t = config.train
     if t.optimizer == "sgd":

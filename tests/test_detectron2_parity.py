@@ -9,7 +9,7 @@ postprocess). Both must return the same detections: classes, scores, boxes and m
 detectron2 is not on PyPI and its C++ extension needs a compiler, so this module is skipped
 unless `import detectron2` works. Its Python sources suffice: the extension only serves
 deformable convolution, rotated boxes and the fast COCO evaluator, none of which run here, so
-a missing `detectron2._C` is replaced by an empty module. See README ("Checking against
+a missing `detectron2._C` is replaced by an empty module. See docs/model_zoo.md ("Checking against
 detectron2") for the commands.
 """
 import importlib.util
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 if importlib.util.find_spec("detectron2") is None:
-    pytest.skip("detectron2 is not importable (see README, 'Checking against detectron2')",
+    pytest.skip("detectron2 is not importable (see docs/model_zoo.md, 'Checking against detectron2')",
                 allow_module_level=True)
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
