@@ -127,16 +127,26 @@ def cell(runs: list[dict], kind: str, key: str) -> str:
 
 
 def table(results: dict, rows: list[tuple[str, str]]) -> list[str]:
-    lines = ["| | seeds | " + " | ".join(c[2] for c in COLUMNS) + " |",
-             "|---|---|" + "---|" * len(COLUMNS)]
+    lines = ["| | seeds | " + " | ".join(c[2] for c in COLUMNS) + " | processors |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for name, label in rows:
         runs = results.get(name, [])
         if not runs:
-            lines.append(f"| {label} | 0 (not run) |" + " |" * len(COLUMNS))
+            lines.append(f"| {label} | 0 (not run) |" + " |" * len(COLUMNS) + " |")
             continue
         seeds = f"{len(runs)}" + (" (one seed only)" if len(runs) == 1 else "")
-        lines.append(f"| {label} | {seeds} | " + " | ".join(cell(runs, k, m) for k, m, _ in COLUMNS) + " |")
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cell(runs, k, m) for k, m, _ in COLUMNS)
+                     + f" | {processors(runs)} |")
     return lines
+
+
+def processors(runs: list[dict]) -> str:
+    """Which processor each seed ran on, e.g. "AMD EPYC (seeds 0-4)"."""
+    by_proc: dict[str, list[int]] = {}
+    for r in runs:
+        by_proc.setdefault(r["processor"], []).append(int(r["seed"]))
+    return "; ".join(f"{p} (seed{'s' if len(v) > 1 else ''} {', '.join(map(str, sorted(v)))})"
+                     for p, v in sorted(by_proc.items()))
 
 
 def gain(results: dict, kind: str, key: str) -> tuple[float, float]:
