@@ -53,14 +53,12 @@ def test_relative_links_and_anchors_resolve(page):
     assert not broken, f"{page}: " + "; ".join(broken)
 
 
-def config_specs() -> set[str]:
-    specs = set()
-    for page in PAGES:
-        specs |= set(re.findall(r"configs/(?:mask_rcnn|bmask_rcnn|cityscapes|paper)\.py:[a-z0-9_]+", text(page)))
-    return specs
+def found(pattern: str) -> set[str]:
+    """Every match of `pattern` (its group, if it has one) in the pages."""
+    return {m for page in PAGES for m in re.findall(pattern, text(page))}
 
 
-@pytest.mark.parametrize("spec", sorted(config_specs()))
+@pytest.mark.parametrize("spec", sorted(found(r"configs/(?:mask_rcnn|bmask_rcnn|cityscapes|paper)\.py:[a-z0-9_]+")))
 def test_named_configs_build(spec):
     if spec.startswith("configs/paper.py"):
         from configs import paper
@@ -70,14 +68,7 @@ def test_named_configs_build(spec):
     assert c.model.num_classes > 0
 
 
-def modules() -> set[str]:
-    found = set()
-    for page in PAGES:
-        found |= set(re.findall(r"python -m (bmask_jax(?:\.\w+)*)", text(page)))
-    return found
-
-
-@pytest.mark.parametrize("module", sorted(modules()))
+@pytest.mark.parametrize("module", sorted(found(r"python -m (bmask_jax(?:\.\w+)*)")))
 def test_named_commands_answer_help(module):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env, capture_output=True,
@@ -88,17 +79,10 @@ def test_named_commands_answer_help(module):
     assert f"python -m {module}" in out or "flags:" in out, out[-2000:]
 
 
-def config_keys() -> set[str]:
-    keys = set()
-    for page in PAGES:
-        keys |= set(re.findall(r"--config\.([a-z_][\w.]*)=", text(page)))   # not the KEY placeholder
-    return keys
-
-
 def test_config_flags_in_the_docs_are_real_keys():
     base = config_lib.base()
     missing = []
-    for key in sorted(config_keys()):
+    for key in sorted(found(r"--config\.([a-z_][\w.]*)=")):      # lower case: not the KEY placeholder
         node = base
         for part in key.split("."):
             if part not in node:
