@@ -238,8 +238,8 @@ def hrnet_coco(c: ml_collections.ConfigDict, width: int = 32) -> ml_collections.
     c.model.pixel_std = (58.395, 57.120, 57.375)
     c.model.backbone.update(name="hrnet", norm="FrozenBN", freeze_at=0)
     c.model.backbone.hrnet.widths = (width, 2 * width, 4 * width, 8 * width)
-    # HRNet's ImageNet weights have no stable URL (HRNet-Image-Classification's OneDrive) and
-    # the weight import reads ResNet layouts only: this variant starts from scratch (docs/model_zoo.md).
+    # HRNet's ImageNet weights have no stable URL (HRNet-Image-Classification's OneDrive): pass
+    # the downloaded file as model.weights (kind "hrnet"; docs/model_zoo.md).
     c.model.weights = ""
     return c
 

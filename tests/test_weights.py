@@ -27,7 +27,7 @@ from bmask_jax.models.box_head import BoxHead, BoxPredictor
 from bmask_jax.models.fpn import FPN
 from bmask_jax.models.layers import Conv, Deconv2x, FrozenBatchNorm
 from bmask_jax.models.resnet import BottleneckBlock, ResNet
-from bmask_jax.state import create_train_state, new_train_state
+from bmask_jax.state import create_train_state, init_variables, new_train_state
 
 try:
     import torch
@@ -741,3 +741,87 @@ def test_import_command_line(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "arrays loaded" in done.stdout and "--config.model.input_format=BGR" in done.stdout
     assert os.path.isdir(tmp_path / "out" / "checkpoints" / "0")
+
+
+def hrnet_imagenet_shapes(h) -> dict[str, tuple]:
+    """{key: torch shape} of an HRNet-Image-Classification ImageNet checkpoint (cls_hrnet.py)
+    for config.model.backbone.hrnet numbers: stem conv1/bn1/conv2/bn2, layer1 (bottlenecks),
+    transition<t>, stage<s>.<m>.branches / fuse_layers, and part of the classification head."""
+    shapes = {}
+
+    def conv(name, cout, cin, k):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+
+    def bn(name, c):
+        for r in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{name}.{r}"] = (c,)
+        shapes[f"{name}.num_batches_tracked"] = ()
+
+    stem, w1 = h.stem_channels, h.stage1_channels
+    conv("conv1", stem, 3, 3), bn("bn1", stem), conv("conv2", stem, stem, 3), bn("bn2", stem)
+    cin = stem
+    for k in range(h.stage1_blocks):                      # Bottleneck, expansion 4
+        p = f"layer1.{k}"
+        conv(f"{p}.conv1", w1, cin, 1), bn(f"{p}.bn1", w1)
+        conv(f"{p}.conv2", w1, w1, 3), bn(f"{p}.bn2", w1)
+        conv(f"{p}.conv3", 4 * w1, w1, 1), bn(f"{p}.bn3", 4 * w1)
+        if cin != 4 * w1:
+            conv(f"{p}.downsample.0", 4 * w1, cin, 1), bn(f"{p}.downsample.1", 4 * w1)
+        cin = 4 * w1
+    pre = [cin]
+    for stage in (2, 3, 4):
+        cur = list(h.widths[:stage])
+        t = stage - 1
+        for b, c in enumerate(cur):                        # _make_transition_layer
+            if b < len(pre):
+                if pre[b] != c:
+                    conv(f"transition{t}.{b}.0", c, pre[b], 3), bn(f"transition{t}.{b}.1", c)
+            else:
+                for j in range(b + 1 - len(pre)):
+                    out = c if j == b - len(pre) else pre[-1]
+                    conv(f"transition{t}.{b}.{j}.0", out, pre[-1], 3), bn(f"transition{t}.{b}.{j}.1", out)
+        for m in range(h.num_modules[stage - 2]):
+            p = f"stage{stage}.{m}"
+            for b, c in enumerate(cur):                    # BasicBlock branches
+                for k in range(h.num_blocks[stage - 2]):
+                    q = f"{p}.branches.{b}.{k}"
+                    conv(f"{q}.conv1", c, c, 3), bn(f"{q}.bn1", c), conv(f"{q}.conv2", c, c, 3), bn(f"{q}.bn2", c)
+            for i, ci in enumerate(cur):                   # _make_fuse_layers, multi-scale output
+                for j, cj in enumerate(cur):
+                    if j > i:
+                        conv(f"{p}.fuse_layers.{i}.{j}.0", ci, cj, 1), bn(f"{p}.fuse_layers.{i}.{j}.1", ci)
+                    elif j < i:
+                        for k in range(i - j):
+                            out = ci if k == i - j - 1 else cj
+                            conv(f"{p}.fuse_layers.{i}.{j}.{k}.0", out, cj, 3)
+                            bn(f"{p}.fuse_layers.{i}.{j}.{k}.1", out)
+        pre = cur
+    conv("incre_modules.0.0.conv1", 32, h.widths[0], 1)     # the classification head: ignored
+    conv("final_layer.0", 2048, 1024, 1)
+    shapes["classifier.weight"], shapes["classifier.bias"] = (1000, 2048), (1000,)
+    return shapes
+
+
+def test_hrnet_imagenet_checkpoint_fills_the_hrnet_backbone():
+    from bmask_jax import config as config_lib
+    c = config_lib.from_file("configs/bmask_rcnn.py:hrnet_w32_fpn_1x")
+    shapes = jax.eval_shape(lambda: init_variables(c, BMaskRCNN(c.model), jax.random.PRNGKey(0)))
+    zeros = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
+    rng = np.random.default_rng(0)
+    ckpt = {k: (rng.uniform(0.5, 1.5, s) if k.endswith("running_var") else rng.normal(size=s)).astype(np.float32)
+            for k, s in hrnet_imagenet_shapes(c.model.backbone.hrnet).items()}
+    params, frozen, report = weights.convert(ckpt, zeros["params"], zeros["frozen"])
+    assert report.kind == "hrnet"
+    assert not [n for n in report.initialised_fresh if n.startswith("backbone/")]
+    assert sorted(k for k in ckpt if not k.endswith("num_batches_tracked") and k not in report.loaded) == \
+        ["classifier.bias", "classifier.weight", "final_layer.0.weight", "incre_modules.0.0.conv1.weight"]
+    # values land where their names say: a fusion conv (1x1 upsampling path) and a stride-2 step
+    b = params["backbone"]
+    np.testing.assert_array_equal(b["stage3_2"]["fusion"]["fuse0_2_conv"]["Conv_0"]["kernel"],
+                                  ckpt["stage3.2.fuse_layers.0.2.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(b["stage4_1"]["fusion"]["fuse3_0_1_conv"]["Conv_0"]["kernel"],
+                                  ckpt["stage4.1.fuse_layers.3.0.1.0.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(b["transition3_3_0_conv"]["Conv_0"]["kernel"],
+                                  ckpt["transition3.3.0.0.weight"].transpose(2, 3, 1, 0))
+    changes, _ = weights.implied_config_changes("hrnet", ckpt)
+    assert changes["model.input_format"] == "RGB" and "model.backbone.stride_in_1x1" not in changes

@@ -1,9 +1,9 @@
 """Weight import: detectron2 Mask R-CNN / BMask R-CNN checkpoints and ImageNet backbones (MSRA
-Caffe2 blobs, torchvision) into our parameter tree, the 'frozen' collection and an Orbax
+Caffe2 blobs, torchvision, HRNet) into our parameter tree, the 'frozen' collection and an Orbax
 checkpoint.
 
     python -m bmask_jax.weights --config configs/bmask_rcnn.py:r50_fpn_1x \\
-        --source model_final.pth --output runs/imported [--kind auto|detectron2|msra|torchvision]
+        --source model_final.pth --output runs/imported [--kind auto|detectron2|msra|torchvision|hrnet]
 
 then `python -m bmask_jax.main --config ... --workdir runs/imported --mode evaluate` (or train,
 which starts from the imported step-0 checkpoint), with the config changes the import prints.

@@ -15,7 +15,7 @@ def _define_flags():
     from ml_collections import config_flags
     config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:variant.",
                                     lock_config=True)
-    flags.DEFINE_string("source", None, "Weight file: detectron2 .pth/.pkl, MSRA R-50.pkl, torchvision .pth.")
+    flags.DEFINE_string("source", None, "Weight file: detectron2 .pth/.pkl, MSRA R-50.pkl, torchvision .pth, HRNet ImageNet .pth.")
     flags.DEFINE_string("output", None, "Directory to write the Orbax checkpoint to (a --workdir).")
     flags.DEFINE_enum("kind", "auto", ("auto",) + KINDS, "What the weight file is.")
     flags.DEFINE_bool("apply_config_changes", True,

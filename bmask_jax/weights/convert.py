@@ -47,12 +47,15 @@ class ImportReport:
 
 def detect_kind(checkpoint: dict[str, np.ndarray], source: str = "checkpoint") -> str:
     """'detectron2' (module paths like backbone.bottom_up..., roi_heads...), 'msra' (Caffe2
-    blobs conv1_w, res2_0_branch2a_w, ...) or 'torchvision' (conv1.weight, layer1.0...)."""
+    blobs conv1_w, res2_0_branch2a_w, ...), 'hrnet' (conv1, conv2, layer1, stage2.0.branches...)
+    or 'torchvision' (conv1.weight, layer1.0...)."""
     keys = set(checkpoint)
     if any(k.startswith(("backbone.", "roi_heads.", "proposal_generator.")) for k in keys):
         return "detectron2"
     if "conv1_w" in keys or "res_conv1_bn_s" in keys:
         return "msra"
+    if any(k.startswith("stage2.0.branches.") for k in keys) and "conv2.weight" in keys:
+        return "hrnet"                     # before torchvision: it also has conv1 and layer1
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "torchvision"
     if any(k.startswith(("stem.", "res2.")) for k in keys):
@@ -82,7 +85,8 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
     """The config the weights come with (SPEC sections 1-2), as {dotted key: value}, and notes
     on how it was decided. MSRA: BGR, mean (103.530, 116.280, 123.675), std 1, stride in the
     1x1 conv. torchvision: RGB, ImageNet mean/std x 255, stride in the 3x3. detectron2: from its
-    stored pixel_mean/pixel_std when present, else detectron2's defaults (MSRA-initialised)."""
+    stored pixel_mean/pixel_std when present, else detectron2's defaults (MSRA-initialised).
+    hrnet (HRNet-Image-Classification's ImageNet models): RGB with ImageNet mean/std x 255."""
     msra = {"model.input_format": "BGR", "model.pixel_mean": (103.530, 116.280, 123.675),
             "model.pixel_std": (1.0, 1.0, 1.0), "model.backbone.stride_in_1x1": True}
     torchvision = {"model.input_format": "RGB", "model.pixel_mean": (123.675, 116.280, 103.530),
@@ -92,6 +96,9 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
         changes = dict(msra)
     elif kind == "torchvision":
         changes = dict(torchvision)
+    elif kind == "hrnet":
+        # Stride placement does not apply: HRNet's stage 1 runs at stride 1.
+        changes = {k: v for k, v in torchvision.items() if k != "model.backbone.stride_in_1x1"}
     else:
         if "pixel_mean" in checkpoint:
             mean = tuple(round(float(x), 3) for x in np.ravel(checkpoint["pixel_mean"]))
@@ -164,7 +171,9 @@ def _hints(checkpoint: dict, layers: list[Layer], kind: str) -> list[str]:
         if not ours_bmask and theirs_bmask:
             hints.append("the checkpoint has the boundary-preserving mask head: use configs/bmask_rcnn.py")
     stage = {"detectron2": r"backbone\.bottom_up\.res4\.(\d+)\.", "torchvision": r"layer3\.(\d+)\.",
-             "msra": r"res4_(\d+)_"}[kind]
+             "msra": r"res4_(\d+)_"}.get(kind)
+    if stage is None:
+        return hints
     theirs = {int(m[1]) for k in checkpoint if (m := re.match(stage, k))}
     ours = {int(m[1]) for n in names if (m := re.match(r"backbone/res4_(\d+)/", n))}
     if theirs and ours and len(theirs) != len(ours):

@@ -7,7 +7,7 @@ from typing import Any
 
 from bmask_jax.weights.layers import Layer
 
-KINDS = ("detectron2", "msra", "torchvision")
+KINDS = ("detectron2", "msra", "torchvision", "hrnet")
 WHOLE_MODEL_KINDS = ("detectron2",)
 
 Rule = tuple[str, Any]   # (regex over our layer name, source module: template or callable on the match)
@@ -54,7 +54,31 @@ MSRA_RULES: list[Rule] = [
     (r"backbone/res(\d)_(\d+)/shortcut_norm", r"res\1_\2_branch1_bn"),
 ]
 
-RULES = {"detectron2": DETECTRON2_RULES, "torchvision": TORCHVISION_RULES, "msra": MSRA_RULES}
+# HRNet-Image-Classification's ImageNet checkpoints (hrnetv2_w32_imagenet_pretrained.pth,
+# lib/models/cls_hrnet.py): the stem conv1/bn1/conv2/bn2, stage 1 as `layer1` (bottlenecks),
+# transition<t>.<branch>.{0: conv, 1: bn} (a width change) or .<branch>.<k>.{0, 1} (a new branch),
+# stage<s>.<module>.branches.<b>.<k> (basic blocks) and .fuse_layers.<i>.<j>[.<k>].{0, 1}.
+HRNET_RULES: list[Rule] = [
+    (r"backbone/stem_conv(\d)", r"conv\1"),
+    (r"backbone/stem_norm(\d)", r"bn\1"),
+    (r"backbone/res2_(\d+)/conv(\d)", r"layer1.\1.conv\2"),
+    (r"backbone/res2_(\d+)/conv(\d)_norm", r"layer1.\1.bn\2"),
+    (r"backbone/res2_(\d+)/shortcut", r"layer1.\1.downsample.0"),
+    (r"backbone/res2_(\d+)/shortcut_norm", r"layer1.\1.downsample.1"),
+    (r"backbone/transition(\d)_(\d)_conv", r"transition\1.\2.0"),
+    (r"backbone/transition(\d)_(\d)_norm", r"transition\1.\2.1"),
+    (r"backbone/transition(\d)_(\d)_(\d)_conv", r"transition\1.\2.\3.0"),
+    (r"backbone/transition(\d)_(\d)_(\d)_norm", r"transition\1.\2.\3.1"),
+    (r"backbone/stage(\d)_(\d+)/branch(\d)_(\d+)/conv(\d)", r"stage\1.\2.branches.\3.\4.conv\5"),
+    (r"backbone/stage(\d)_(\d+)/branch(\d)_(\d+)/conv(\d)_norm", r"stage\1.\2.branches.\3.\4.bn\5"),
+    (r"backbone/stage(\d)_(\d+)/fusion/fuse(\d)_(\d)_conv", r"stage\1.\2.fuse_layers.\3.\4.0"),
+    (r"backbone/stage(\d)_(\d+)/fusion/fuse(\d)_(\d)_norm", r"stage\1.\2.fuse_layers.\3.\4.1"),
+    (r"backbone/stage(\d)_(\d+)/fusion/fuse(\d)_(\d)_(\d)_conv", r"stage\1.\2.fuse_layers.\3.\4.\5.0"),
+    (r"backbone/stage(\d)_(\d+)/fusion/fuse(\d)_(\d)_(\d)_norm", r"stage\1.\2.fuse_layers.\3.\4.\5.1"),
+]
+
+RULES = {"detectron2": DETECTRON2_RULES, "torchvision": TORCHVISION_RULES, "msra": MSRA_RULES,
+         "hrnet": HRNET_RULES}
 
 # Source keys a kind may hold that have no place in our model: reported, not an error.
 IGNORED = {
@@ -62,6 +86,8 @@ IGNORED = {
                    r"proposal_generator\.anchor_generator\..*"],
     "torchvision": [r"fc\.(weight|bias)", r".*num_batches_tracked"],
     "msra": [r"pred_[wb]", r"fc1000_[wb]", r".*_momentum"],
+    # the classification head: incre_modules, downsamp_modules, final_layer, classifier
+    "hrnet": [r"(incre_modules|downsamp_modules|final_layer|classifier)\..*", r".*num_batches_tracked"],
 }
 
 # Layers whose input is the flattened RoI feature map: (C, H, W) in detectron2, (H, W, C) here.
