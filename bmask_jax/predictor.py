@@ -27,7 +27,7 @@ from bmask_jax.data.pipeline import eval_plan
 from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge, rgb_array
 from bmask_jax.evaluate import DETECT_KEYS, global_eval_batch, make_detector
 from bmask_jax.postprocess import image_instances
-from bmask_jax.pretrained import inference_variables, recorded_config
+from bmask_jax.pretrained import inference_variables
 
 
 def as_rgb(image, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
@@ -93,9 +93,9 @@ class Predictor:
         if workdir is None and variables is None and not config.model.weights:
             raise ValueError("Predictor: give a workdir, variables, or a config with model.weights "
                              "(or use Predictor.from_pretrained)")
-        if variables is None:
+        if variables is None:       # the config that comes back carries what the weights imply
             config, variables = inference_variables(config, workdir, overrides)
-        self.config = recorded_config(config, workdir)
+        self.config = config.copy_and_resolve_references()
         if class_names is None:
             class_names, self.category_ids = dataset_labels(self.config)
         else:

@@ -42,13 +42,12 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 @dataclasses.dataclass
 class Weights:
-    """A model.weights value, resolved: the file, its arrays, its kind and implied config."""
+    """A model.weights value, resolved: the file, its arrays and its kind (the config it
+    implies is applied by resolve; the ImportReport of the load carries it too)."""
     spec: str
     path: str
     kind: str
     checkpoint: dict
-    config_changes: dict[str, Any]
-    notes: list[str]
 
 
 def checkpoint_step(workdir: str | None) -> int | None:
@@ -124,10 +123,10 @@ def resolve(config, workdir: str | None = None, overrides: dict[str, Any] | None
     path = model_zoo.weights_file(spec, progress=progress)
     checkpoint = read_checkpoint(path)
     kind = detect_kind(checkpoint, path)
-    changes, notes = implied_config_changes(kind, checkpoint)
+    changes, _ = implied_config_changes(kind, checkpoint)
     check_overrides(changes, overrides, f"model.weights={spec} ({kind} weights)")
     _log_changes(apply_config_changes(config, changes), f"model.weights={spec} ({kind})")
-    return config, Weights(spec, path, kind, checkpoint, changes, notes)
+    return config, Weights(spec, path, kind, checkpoint)
 
 
 def load_into_state(state, weights: Weights):
