@@ -101,10 +101,32 @@ def save(mgr: ocp.CheckpointManager, step: int, state, force: bool = False) -> N
     if free < need:
         raise CheckpointError(f"saving checkpoint {step} needs about {need / 2**20:.1f} MiB, but {mgr.directory} "
                               f"has {free / 2**20:.1f} MiB free: no space left on device; training stopped")
+    # Inodes too: orbax's threads wait on each other, and one that cannot create its folder
+    # left the others waiting 5 minutes before the error came (seen on a tmpfs out of inodes).
+    need_files, free_files = files_needed(str(mgr.directory)), files_free(str(mgr.directory))
+    if need_files and free_files is not None and free_files < need_files:
+        raise CheckpointError(f"saving checkpoint {step} needs about {need_files} files, but {mgr.directory} "
+                              f"has {free_files} free inodes: no space left on device; training stopped")
     try:
         mgr.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(save_failure(mgr.directory, e)) from e
+
+
+def files_needed(folder: str) -> int:
+    """Files and folders a save creates, as many as the newest finished step holds (plus its
+    own folder and a temporary one); 0 before the first."""
+    steps = step_folders(folder)
+    if not steps:
+        return 0
+    return 2 + sum(len(dirs) + len(files) for _, dirs, files in os.walk(os.path.join(folder, str(steps[0]))))
+
+
+def files_free(folder: str) -> int | None:
+    """Free inodes for an unprivileged writer, or None where the filesystem has no fixed
+    number (it reports a total of 0, e.g. btrfs)."""
+    st = os.statvfs(folder)
+    return int(st.f_favail) if st.f_files else None
 
 
 def write_manifests(folder: str) -> None:

@@ -143,8 +143,10 @@ def _train_cli(workdir, max_iter):
 @pytest.mark.slow
 @pytest.mark.parametrize("limit", ["bytes", "inodes"])
 def test_full_disk_stops_training_with_one_line_and_resume_cleans_up(tmp_path, limit):
-    """On a small tmpfs: 10 MiB holds one tiny checkpoint (7 MiB), not two (the save is refused
-    before writing); 45 inodes run out in the middle of the second save (the write fails)."""
+    """On a small tmpfs: 10 MiB holds one tiny checkpoint (7 MiB), not two; 45 inodes hold one,
+    not two. Either way the second save is refused before writing: orbax, left to fail on
+    inodes mid-write, hung 5 minutes before its error. Resuming after a save that did fail
+    half-written (its temporary folder left behind, as a kill -9 mid-save leaves it) removes it."""
     mount = tmp_path / "disk"
     if not _mount_tmpfs(mount, "size=10m" if limit == "bytes" else "size=50m,nr_inodes=45"):
         pytest.skip("cannot mount a tmpfs here (needs root): the full-disk case is not reproduced")
@@ -155,17 +157,16 @@ def test_full_disk_stops_training_with_one_line_and_resume_cleans_up(tmp_path, l
         err = [line for line in first.stderr.splitlines() if line.strip() and not line.startswith("train:")]
         assert len(err) == 1, first.stderr[-3000:]                      # no traceback storm
         assert err[0].startswith("error: saving") and "no space left on device" in err[0]
-        assert str(workdir / "checkpoints") in err[0]
+        assert str(workdir / "checkpoints") in err[0] and ("inodes" in err[0]) == (limit == "inodes")
         assert checkpoints.step_folders(str(workdir / "checkpoints")) == [2]
-        # bytes: the save was refused before writing; inodes: it failed half-written.
-        partial = [n for n in os.listdir(workdir / "checkpoints") if checkpoints.TMP_MARKER in n]
-        assert len(partial) == (1 if limit == "inodes" else 0), partial
-        # Space comes back; the next start removes the partial save and cuts the logs.
+        assert not [n for n in os.listdir(workdir / "checkpoints") if checkpoints.TMP_MARKER in n]
+        # Space comes back; the next start removes a half-written save and cuts the logs.
         subprocess.run(["mount", "-o", "remount,size=200m,nr_inodes=10000", str(mount)], check=True)
+        partial = f"4{checkpoints.TMP_MARKER}-1764779000"
+        shutil.copytree(workdir / "checkpoints" / "2", workdir / "checkpoints" / partial)
         second = _train_cli(workdir, 6)
         assert second.returncode == 0, second.stderr[-3000:]
-        assert (f"removed 1 partial checkpoint folder(s) of an interrupted save: {partial[0]}" in second.stderr
-                if partial else "partial checkpoint" not in second.stderr)
+        assert f"removed 1 partial checkpoint folder(s) of an interrupted save: {partial}" in second.stderr
         assert not any(checkpoints.TMP_MARKER in n for n in os.listdir(workdir / "checkpoints"))
         for name in ("metrics.jsonl", "image_order.jsonl"):
             steps = [json.loads(x)["step"] for x in open(workdir / name)]
