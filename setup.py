@@ -26,9 +26,10 @@ setup(
         "tensorboardX",
         "absl-py",
         "flatbuffers",                     # jax.export serialization (python -m bmask_jax.export)
+        "cityscapesscripts>=2.2",          # Cityscapes' official instance AP (cityscapes_eval.py)
     ],
     extras_require={
         "torch": ["torch==2.13.0"],          # only to write reference checkpoints in tests
-        "test": ["pytest", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist>=3.6", "torch==2.13.0"],
     },
 )

@@ -101,7 +101,7 @@ def worker(out_path: str, workdir: str) -> None:
 def four_devices(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dp")
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+               XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4")
     code = ("import conftest, test_data_parallel as t; "
             f"t.worker({str(tmp / 'out.json')!r}, {str(tmp)!r})")
     run = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(REPO, "tests"), env=env,

@@ -156,7 +156,11 @@ def test_model_losses_and_gradients_equal_on_both_kernels(monkeypatch):
     flat_cpu = jax.tree_util.tree_leaves(g_cpu)
     for (path, a), b in zip(flat_xla, flat_cpu):
         a, b = np.asarray(a), np.asarray(b)
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * max(float(np.abs(a).max()), 1e-6),
+        # Float32 sums in another order, with cancellation: a bias gradient sums thousands of
+        # terms to a small total. Seen up to 9e-4 of a leaf's largest entry (mask_deconv's bias:
+        # 6.72e-5 against 6.74e-5, largest 1.9e-4) when XLA compiles at -O0 (tests/conftest.py);
+        # a wrong kernel is off by the order of the values themselves.
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=3e-3 * max(float(np.abs(a).max()), 1e-6),
                                    err_msg=jax.tree_util.keystr(path))
 
 

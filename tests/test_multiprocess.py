@@ -64,7 +64,8 @@ def test_processes_start_on_different_canvases():
 
 def test_two_processes_match_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)                    # one CPU device per process
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()     # one CPU device per process
+                                if not f.startswith("--xla_force_host_platform_device_count"))
     two = tmp_path / "two"
     coordinator = f"localhost:{_free_port()}"
     procs = [subprocess.Popen(_cli(two, f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}",
