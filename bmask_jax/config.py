@@ -244,10 +244,12 @@ def hrnet_coco(c: ml_collections.ConfigDict, width: int = 32) -> ml_collections.
     return c
 
 
-def cityscapes(head: str = "bmask", schedule: str = "") -> ml_collections.ConfigDict:
+def cityscapes(head: str = "bmask", schedule: str = "code") -> ml_collections.ConfigDict:
     """Cityscapes fine instance segmentation, 8 classes (paper Table 9; SPEC section 8), from
-    ImageNet R-50. schedule "": the authors' official config (batch 8, LR 0.01, 24k iterations,
-    x0.1 at 18k); "paper": the paper's (batch 4, LR 0.005, 48k iterations, x0.1 at 36k)."""
+    ImageNet R-50: training short side 800..1024 (step 32), inference at the full 1024x2048.
+    schedule "paper": the paper's (batch 4, LR 0.005, 48k iterations, x0.1 at 36k); "code":
+    the authors' published config, which trained their released model (batch 8, LR 0.01, 24k
+    iterations, x0.1 at 18k)."""
     c = coco(base(), 50)
     c.data.update(dataset="cityscapes", cityscapes_root="datasets/cityscapes", coco_images="",
                   coco_train_json="", coco_eval_json="",
@@ -303,9 +305,14 @@ def from_file(spec: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{spec}: from_file builds configs/mask_rcnn.py, bmask_rcnn.py and cityscapes.py")
 
 
+CITYSCAPES_VARIANTS = ("bmask_code", "bmask_paper", "maskrcnn_code", "maskrcnn_paper")
+
+
 def cityscapes_variant(name: str) -> ml_collections.ConfigDict:
+    """configs/cityscapes.py's variants: {bmask,maskrcnn}_{code,paper}; a bare `bmask` or
+    `maskrcnn` is the `_code` schedule (the released model's)."""
     head, _, schedule = name.partition("_")
-    if head not in ("bmask", "maskrcnn") or schedule not in ("", "paper"):
-        raise ValueError(f"configs/cityscapes.py variant must be bmask, maskrcnn, bmask_paper or "
-                         f"maskrcnn_paper, got {name!r}")
-    return cityscapes(head, schedule)
+    if head not in ("bmask", "maskrcnn") or schedule not in ("", "code", "paper"):
+        raise ValueError(f"configs/cityscapes.py variant must be one of {', '.join(CITYSCAPES_VARIANTS)} "
+                         f"(bare bmask / maskrcnn: the _code schedule), got {name!r}")
+    return cityscapes(head, schedule or "code")

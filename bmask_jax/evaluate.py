@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from bmask_jax import sharding
+from bmask_jax import cityscapes_eval, sharding
 from bmask_jax.coco_eval import IOU_TYPES, coco_evaluate, plot_ap_vs_iou
 from bmask_jax.data.pipeline import build_dataset, eval_batches
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -96,15 +96,22 @@ def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
     # Detections in image order, whatever the batching and device count.
     order = {im["id"]: k for k, im in enumerate(gt["images"])}
     results.sort(key=lambda r: order[r["image_id"]])
-    metrics = {kind: coco_evaluate(gt, results, kind) for kind in IOU_TYPES}
+    labelled = getattr(dataset, "labelled", True)
+    metrics = {kind: coco_evaluate(gt, results, kind) for kind in IOU_TYPES} if labelled else {}
     metrics.update(num_images=len(gt["images"]), num_detections=len(results))
-    with open(os.path.join(workdir, "detections.json"), "w") as f:
+    if config.data.dataset == "cityscapes":
+        # The benchmark's own metric and result files, beside the COCO-style numbers.
+        metrics["cityscapes"] = cityscapes_eval.evaluate_split(dataset, gt["images"], results, workdir)
+    # An unlabelled split (Cityscapes test) keeps its files apart: the val metrics stay.
+    suffix = "" if labelled else f"_{config.data.eval_split}"
+    with open(os.path.join(workdir, f"detections{suffix}.json"), "w") as f:
         json.dump(results, f)
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    with open(os.path.join(workdir, f"metrics{suffix}.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    plot_ap_vs_iou({kind: metrics[kind]["AP_per_iou"] for kind in IOU_TYPES},
-                   os.path.join(workdir, "ap_vs_iou.png"),
-                   title=f"AP vs IoU threshold ({config.model.mask_head.name})")
+    if labelled:
+        plot_ap_vs_iou({kind: metrics[kind]["AP_per_iou"] for kind in IOU_TYPES},
+                       os.path.join(workdir, "ap_vs_iou.png"),
+                       title=f"AP vs IoU threshold ({config.model.mask_head.name})")
     summary = format_metrics(metrics)
     logging.info("\n%s", summary)
     print(summary, flush=True)
@@ -133,11 +140,22 @@ def dataset_index(dataset, image_id: int) -> int:
 
 
 def format_metrics(metrics: dict) -> str:
-    lines = [f"COCO evaluation on {metrics['num_images']} images ({metrics['num_detections']} detections)",
-             f"{'':9s}{'AP':>7s}{'AP50':>7s}{'AP75':>7s}{'APs':>7s}{'APm':>7s}{'APl':>7s}"]
-    for kind in IOU_TYPES:
+    lines = []
+    if IOU_TYPES[0] in metrics:
+        lines += [f"COCO evaluation on {metrics['num_images']} images ({metrics['num_detections']} detections)",
+                  f"{'':9s}{'AP':>7s}{'AP50':>7s}{'AP75':>7s}{'APs':>7s}{'APm':>7s}{'APl':>7s}"]
+    else:
+        lines.append(f"{metrics['num_images']} images without labels ({metrics['num_detections']} detections): "
+                     "nothing scored")
+    for kind in (k for k in IOU_TYPES if k in metrics):
         m = metrics[kind]
         # pycocotools reports -1 for an area range with no objects.
         lines.append(f"{kind:9s}" + "".join(f"{100 * m[k]:7.1f}" if m[k] >= 0 else f"{'-':>7s}"
                                             for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")))
+    cs = metrics.get("cityscapes")
+    if cs and "AP" in cs:
+        lines += ["", f"Cityscapes instance-level evaluation ({cs['num_masks']} masks)",
+                  cityscapes_eval.format_table(cs)]
+    if cs:
+        lines.append(f"Cityscapes result files: {cs['results_dir']}; for the benchmark server: {cs['zip']}")
     return "\n".join(lines)

@@ -36,11 +36,13 @@ def main(argv):
     # What the command line set: model.weights may not contradict it (pretrained.py).
     overrides = config_flags.get_override_values(FLAGS["config"])
     from bmask_jax.checkpoints import CheckpointError
+    from bmask_jax.cityscapes_eval import CityscapesEvalError
     from bmask_jax.pretrained import user_errors
     from bmask_jax.train import ClassCountError, NonFiniteLossError
     try:
         failures, out_dir = run_mode(FLAGS.mode, config, FLAGS.workdir, overrides)
-    except (*user_errors(), FileNotFoundError, ClassCountError, NonFiniteLossError, CheckpointError) as e:
+    except (*user_errors(), FileNotFoundError, ClassCountError, NonFiniteLossError, CheckpointError,
+            CityscapesEvalError) as e:
         sys.exit(f"error: {e}")        # names the flag, file or URL; the traceback would bury it
     if failures:
         # Listed last, where they are seen; the exit status tells scripts.

@@ -85,7 +85,7 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry("cascade_bmask_rcnn_R_101_FPN_1x", "configs/bmask_rcnn.py:cascade_r101_fpn_1x",
              "https://1drv.ms/u/s!AiO3BIXgPy5wgQcIpRDSMUKHVgMM?e=on6XLj", _AUTHORS, "COCO", None, 39.1,
              file_name="cascade_bmask_rcnn_R_101_FPN_1x.pth", manual=True),
-    ZooEntry("bmask_rcnn_R_50_FPN_cityscapes", "configs/cityscapes.py:bmask",
+    ZooEntry("bmask_rcnn_R_50_FPN_cityscapes", "configs/cityscapes.py:bmask_code",
              "https://1drv.ms/u/s!AiO3BIXgPy5wgQQx_gTYbpcIuOWJ?e=z9seyq", _AUTHORS, "Cityscapes", None, 36.2,
              file_name="bmask_rcnn_R_50_FPN_cityscapes.pth", manual=True),
 ]}

@@ -284,7 +284,23 @@ def train_step_memory(config, per_device_batch: int, compute_dtype: str, kernels
     return dict(memory_of(compiled), compile_s=time.perf_counter() - t)
 
 
-def memory_table(specs, configs, batches=(1, 2, 4), dtypes=("float32", "bfloat16")) -> list[dict]:
+def inference_memory(config, per_device_batch: int, compute_dtype: str, kernels: str = "xla") -> dict:
+    """XLA's memory analysis of inference (the evaluation detector) compiled for one device at
+    `per_device_batch` images of the config's largest canvas; abstract shapes only."""
+    config = dict_copy(config, compute_dtype=compute_dtype, kernels=kernels)
+    model = BMaskRCNN(config.model)
+    state = jax.eval_shape(lambda: create_train_state(config, model, jax.random.PRNGKey(0))[0])
+    variables = {"params": state.params, "frozen": state.frozen}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+             for k, v in dummy_batch(config, per_device_batch).items() if k in ("image", "image_hw")}
+    detect = jax.jit(lambda v, b: model.apply(v, b, train=False))
+    t = time.perf_counter()
+    compiled = detect.lower(variables, batch).compile()
+    return dict(memory_of(compiled), compile_s=time.perf_counter() - t)
+
+
+def memory_table(specs, configs, batches=(1, 2, 4), dtypes=("float32", "bfloat16"),
+                 inference_batches=()) -> list[dict]:
     """train_step_memory for every config, per-device batch and compute dtype; prints a row
     each as it comes."""
     rows = []
@@ -298,6 +314,12 @@ def memory_table(specs, configs, batches=(1, 2, 4), dtypes=("float32", "bfloat16
                 rows.append(dict(m, config=spec, compute_dtype=dtype, per_device_batch=b))
                 print(f"{spec:40s} {dtype:9s} {b:5d} {m['argument'] / gib:7.2f} {m['output'] / gib:8.2f} "
                       f"{m['temp'] / gib:7.2f} {m['peak'] / gib:7.2f}", flush=True)
+                gc.collect()
+            for b in inference_batches:
+                m = inference_memory(config, b, dtype)
+                rows.append(dict(m, config=spec, compute_dtype=dtype, per_device_batch=b, program="inference"))
+                print(f"{spec + ' inference':40s} {dtype:9s} {b:5d} {m['argument'] / gib:7.2f} "
+                      f"{m['output'] / gib:8.2f} {m['temp'] / gib:7.2f} {m['peak'] / gib:7.2f}", flush=True)
                 gc.collect()
     return rows
 
@@ -336,6 +358,10 @@ def main():
     p.add_argument("--memory", action="store_true",
                    help="only the memory table: XLA's memory analysis of the train step per device, "
                         "per-device batch 1, 2, 4, float32 and bfloat16, compiled with XLA's own kernels")
+    p.add_argument("--memory_batches", type=int, nargs="+", default=[1, 2, 4],
+                   help="per-device train batches of the memory table")
+    p.add_argument("--memory_inference", type=int, nargs="*", default=[],
+                   help="per-device inference batches to add to the memory table (e.g. 1)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     specs = args.config or ["configs/mask_rcnn.py:r50_fpn_1x"]
@@ -368,7 +394,8 @@ def main():
                 json.dump(result, f, indent=2)
 
     if args.memory:
-        result["memory_per_device"] = memory_table(specs, configs)
+        result["memory_per_device"] = memory_table(specs, configs, args.memory_batches,
+                                                   inference_batches=args.memory_inference)
         save()
         return
 

@@ -153,3 +153,53 @@ def msra_blobs(d2_checkpoint: dict) -> dict[str, np.ndarray]:
             else:
                 blobs[d2_to_msra(stem) + "_w"] = value
     return blobs
+
+
+# ---------------------------------------------------------------------------------------------
+# A Cityscapes tree in the official layout, made from the synthetic shapes
+# ---------------------------------------------------------------------------------------------
+
+# Shape class -> Cityscapes labelId (person, car, truck, bus, bicycle).
+SHAPE_TO_CITYSCAPES = (24, 26, 27, 28, 33)
+CITYSCAPES_CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "lindau"), "test": ("berlin",)}
+
+
+def write_cityscapes_from_shapes(root, counts=None, image_size=(64, 128)) -> dict:
+    """leftImg8bit/{split}/{city}/{city}_{seq:06d}_000019_leftImg8bit.png and gtFine's
+    _instanceIds (16-bit: labelId * 1000 + k) and _labelIds PNGs from SyntheticShapes images,
+    road below and sky above; the test split gets all-void placeholders, as the real one.
+    Returns {split: [instanceIds paths]}."""
+    import os
+
+    from PIL import Image
+
+    from bmask_jax.data.synthetic import SyntheticShapes
+    counts = counts or {"train": 4, "val": 2, "test": 2}
+    written = {}
+    for split, n in counts.items():
+        shapes = SyntheticShapes("val" if split == "test" else split, num_images=n, image_size=image_size,
+                                 seed=7, max_instances=4, min_size=16, max_size=40)
+        cities = CITYSCAPES_CITIES[split]
+        written[split] = []
+        for i in range(n):
+            ex = shapes[i]
+            city = cities[i % len(cities)]
+            stem = f"{city}_{i:06d}_000019"
+            label_ids = np.full(image_size, 7, np.uint8)          # road
+            label_ids[: image_size[0] // 8] = 23                  # sky
+            instance_ids = label_ids.astype(np.uint16)
+            for k, (cls, mask) in enumerate(zip(ex["classes"], ex["masks"])):
+                label = SHAPE_TO_CITYSCAPES[int(cls)]
+                label_ids[mask > 0] = label
+                instance_ids[mask > 0] = label * 1000 + k
+            if split == "test":
+                label_ids[:] = 0
+                instance_ids[:] = 0
+            for top in ("leftImg8bit", "gtFine"):
+                os.makedirs(os.path.join(root, top, split, city), exist_ok=True)
+            Image.fromarray(ex["image"]).save(os.path.join(root, "leftImg8bit", split, city, f"{stem}_leftImg8bit.png"))
+            gt = os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_instanceIds.png")
+            Image.fromarray(instance_ids).save(gt)
+            Image.fromarray(label_ids).save(os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelIds.png"))
+            written[split].append(gt)
+    return written

@@ -3,6 +3,10 @@ against values worked out by hand, evaluated by pycocotools and trained on."""
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -10,11 +14,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from bmask_jax.coco_eval import coco_evaluate
-from bmask_jax.data.cityscapes import CityscapesInstances
+from bmask_jax.data.cityscapes import CLASS_NAMES, CityscapesInstances
 from bmask_jax.data.pipeline import build_dataset
-from bmask_jax.train import train_and_evaluate
 from configs import cityscapes as cityscapes_config
-from helpers import tiny_config
+from helpers import tiny_config, write_cityscapes_from_shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 H, W = 64, 128
 ROAD, SKY = 7, 23          # stuff labelIds: ignored
@@ -183,14 +188,23 @@ def test_bad_inputs_name_the_path(tree, tmp_path):
     root, _ = tree
     with pytest.raises(FileNotFoundError, match="nope"):
         CityscapesInstances(str(tmp_path / "nope"), "train")
+    with pytest.raises(FileNotFoundError, match=r"leftImg8bit/train_extra"):
+        CityscapesInstances(root, "train_extra")
+    os.makedirs(os.path.join(root, "leftImg8bit", "train_extra", "berlin"))
+    with pytest.raises(FileNotFoundError, match=r"gtFine/train_extra"):
+        CityscapesInstances(root, "train_extra")
+    os.makedirs(os.path.join(root, "gtFine", "train_extra", "berlin"))
+    with pytest.raises(FileNotFoundError, match=r"no \*_leftImg8bit.png images .*leftImg8bit/train_extra"):
+        CityscapesInstances(root, "train_extra")
+    # The test split is images only: no gtFine/test needed.
     with pytest.raises(FileNotFoundError, match=r"leftImg8bit/test"):
         CityscapesInstances(root, "test")
     os.makedirs(os.path.join(root, "leftImg8bit", "test", "berlin"))
-    with pytest.raises(FileNotFoundError, match=r"gtFine/test"):
-        CityscapesInstances(root, "test")
-    os.makedirs(os.path.join(root, "gtFine", "test", "berlin"))
-    with pytest.raises(FileNotFoundError, match=r"no \*_leftImg8bit.png images .*leftImg8bit/test"):
-        CityscapesInstances(root, "test")
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(
+        os.path.join(root, "leftImg8bit", "test", "berlin", "berlin_000000_000019_leftImg8bit.png"))
+    test = CityscapesInstances(root, "test")
+    assert not test.labelled and test.coco_dict()["annotations"] == []
+    assert test.coco_dict()["images"][0]["height"] == H and len(test[0]["classes"]) == 0
 
     c = tiny_config()
     c.data.dataset = "cityscapes"
@@ -227,19 +241,45 @@ def test_bad_inputs_name_the_path(tree, tmp_path):
 
 
 @pytest.mark.slow
-def test_trains_and_evaluates_from_the_official_folders(tree, tmp_path):
-    root, _ = tree
+def test_train_evaluate_and_submit_from_the_command_line(tmp_path):
+    """The round trip from `python -m bmask_jax.main` on a tree in the official layout: train
+    a few steps and evaluate on val (COCO-style AP and cityscapesScripts' AP per class), then
+    write the test split's submission, which has no labels and scores nothing."""
     full = cityscapes_config.get_config()
     assert full.data.dataset == "cityscapes" and full.data.cityscapes_root == "datasets/cityscapes"
-    c = tiny_config("maskrcnn")
-    c.model.num_classes = full.model.num_classes
-    c.data.update(dataset="cityscapes", cityscapes_root=root, train_short_side=(64,), test_short_side=64,
-                  max_size=128, canvas_buckets=((64, 128),), max_instances=8)
-    c.train.update(max_iter=2, checkpoint_every=100)
-    workdir = str(tmp_path / "run")
-    metrics = train_and_evaluate(c, workdir)
+    root = str(tmp_path / "cityscapes")
+    write_cityscapes_from_shapes(root)
+    workdir = tmp_path / "run"
+    cli = [sys.executable, "-m", "bmask_jax.main", "--config", "configs/bmask_rcnn.py:tiny", "--workdir", str(workdir),
+           "--config.data.dataset=cityscapes", f"--config.data.cityscapes_root={root}",
+           "--config.model.num_classes=8", "--config.data.train_short_side=(64,)", "--config.data.max_size=128",
+           "--config.data.canvas_buckets=((64,128),)", "--config.train.max_iter=2",
+           "--config.model.roi_heads.score_threshold=0.0"]
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    run = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.load(open(workdir / "metrics.json"))
     assert metrics["num_images"] == 2 and all("AP" in metrics[k] for k in ("bbox", "segm", "boundary"))
-    saved = json.load(open(os.path.join(workdir, "metrics.json")))
-    assert saved["num_images"] == 2
-    summary = json.load(open(os.path.join(workdir, "train_summary.json")))
+    summary = json.load(open(workdir / "train_summary.json"))
     assert summary["end_step"] == 2 and summary["canvases"] == [[64, 128]]
+    official = metrics["cityscapes"]
+    assert set(official["per_class"]) == set(CLASS_NAMES) and 0.0 <= official["AP"] <= 1.0
+    assert official["num_masks"] > 0
+    # The printed table: one row a class, Table 9's columns.
+    assert "Cityscapes instance-level evaluation" in run.stdout
+    for name in CLASS_NAMES + ("average",):
+        assert re.search(rf"^{name} +(-|[0-9.]+) +(-|[0-9.]+)$", run.stdout, re.M), name
+    pred_files = sorted(os.listdir(workdir / "cityscapes_val_results"))
+    assert pred_files == ["frankfurt_000000_000019_pred.txt", "lindau_000001_000019_pred.txt", "masks"]
+
+    test = subprocess.run(cli + ["--mode=evaluate", "--config.data.eval_split=test"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert test.returncode == 0, test.stderr[-3000:]
+    assert "2 images without labels" in test.stdout and "cityscapes_test_results.zip" in test.stdout
+    names = zipfile.ZipFile(workdir / "cityscapes_test_results.zip").namelist()
+    assert {"berlin_000000_000019_pred.txt", "berlin_000001_000019_pred.txt"} <= set(names)
+    assert any(n.startswith("masks/berlin_000000_000019_") for n in names)
+    unscored = json.load(open(workdir / "metrics_test.json"))
+    assert "segm" not in unscored and "AP" not in unscored["cityscapes"] and unscored["num_images"] == 2
+    assert json.load(open(workdir / "metrics.json")) == metrics        # the val metrics stay
+    assert os.listdir(workdir / "cityscapes_val_results")               # and so do its result files

@@ -37,11 +37,22 @@ def test_table8_compute_matches_paper():
     assert round(got["bmask"], 2) == 0.95
 
 
-@pytest.mark.parametrize("variant", ["bmask", "maskrcnn", "bmask_paper", "maskrcnn_paper"])
+@pytest.mark.parametrize("variant", ["bmask", "maskrcnn", "bmask_code", "maskrcnn_code", "bmask_paper",
+                                     "maskrcnn_paper"])
 def test_cityscapes_configs(variant):
+    """Paper section 4.3 (and the authors' config for _code): short side 800..1024 in
+    training, the full 1024x2048 at inference, from ImageNet R-50."""
     c = cityscapes.get_config(variant)
     assert c.model.num_classes == 8 and c.data.max_size == 2048
-    assert c.train.max_iter == (48000 if variant.endswith("paper") else 24000)
+    assert c.data.train_short_side == tuple(range(800, 1025, 32)) and c.data.test_short_side == 1024
+    assert tuple(c.data.canvas_buckets[0]) == (1024, 2048)
+    assert c.model.weights == "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
+    assert c.model.mask_head.name == variant.split("_")[0]
+    paper = variant.endswith("paper")
+    assert (c.train.batch_size, c.train.base_lr, c.train.max_iter, tuple(c.train.lr_steps)) == (
+        (4, 0.005, 48000, (36000,)) if paper else (8, 0.01, 24000, (18000,)))
+    with pytest.raises(ValueError, match="bmask_code, bmask_paper"):
+        cityscapes.get_config("bmask_fast")
 
 
 def test_unknown_variants_are_named():

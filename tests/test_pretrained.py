@@ -207,7 +207,7 @@ def test_zoo_entry_config_fits_detectron2_keys(name):
 
 
 @pytest.mark.parametrize("spec", ["configs/mask_rcnn.py:r50_fpn_1x", "configs/bmask_rcnn.py:r101_fpn_3x",
-                                  "configs/bmask_rcnn.py:cascade_r50_fpn_1x", "configs/cityscapes.py:bmask"])
+                                  "configs/bmask_rcnn.py:cascade_r50_fpn_1x", "configs/cityscapes.py:bmask_code"])
 def test_coco_and_cityscapes_configs_start_from_msra_imagenet(spec):
     from bmask_jax import config as config_lib
     config = config_lib.from_file(spec)

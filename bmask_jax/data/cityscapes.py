@@ -38,23 +38,30 @@ IMAGE_SUFFIX = "_leftImg8bit.png"
 GT_SUFFIX = "_gtFine_instanceIds.png"
 _INSTANCE_ID_MODES = ("I;16", "I;16B", "I;16L", "I", "L")
 _DEGENERATE = "instance one pixel wide or tall"   # detectron2 drops these too
+# The benchmark keeps the test split's labels; gtFine/test holds placeholders (all void), so
+# the test split is read as images only: predicted and written for the server, never scored.
+UNLABELLED_SPLITS = ("test",)
 
 
-def find_images(root: str, split: str) -> list[tuple[str, str]]:
-    """(file_name relative to leftImg8bit/{split}, instanceIds path) of every image of the
-    split, sorted by city then name so that image ids are stable across runs and machines."""
+def find_images(root: str, split: str, labelled: bool = True) -> list[tuple[str, str | None]]:
+    """(file_name relative to leftImg8bit/{split}, instanceIds path or None if not labelled)
+    of every image of the split, sorted by city then name so that image ids are stable across
+    runs and machines."""
     if not root or not os.path.isdir(root):
         raise FileNotFoundError(f"Cityscapes root {root!r} not found (set data.cityscapes_root to the folder "
                                 "holding leftImg8bit/ and gtFine/)")
     image_dir = os.path.join(root, "leftImg8bit", split)
     gt_dir = os.path.join(root, "gtFine", split)
-    for d in (image_dir, gt_dir):
+    for d in (image_dir, gt_dir) if labelled else (image_dir,):
         if not os.path.isdir(d):
             raise FileNotFoundError(f"Cityscapes split folder {d} not found (split {split!r} under root {root})")
     found = []
     for city in sorted(e.name for e in os.scandir(image_dir) if e.is_dir()):
         for name in sorted(os.listdir(os.path.join(image_dir, city))):
             if not name.endswith(IMAGE_SUFFIX):
+                continue
+            if not labelled:
+                found.append((f"{city}/{name}", None))
                 continue
             gt_path = os.path.join(gt_dir, city, name[:-len(IMAGE_SUFFIX)] + GT_SUFFIX)
             if not os.path.isfile(gt_path):
@@ -101,14 +108,16 @@ class CityscapesInstances:
     """Cityscapes fine instances of one split ('train', 'val', ...) under `root`.
 
     Image ids are positions + 1 in the sorted file list. `skipped` counts dropped instances by
-    reason, each image counted once however often it is read.
+    reason, each image counted once however often it is read. The test split (`labelled`
+    False) has images and no instances.
     """
 
     def __init__(self, root: str, split: str):
         self.root = root
         self.split = split
+        self.labelled = split not in UNLABELLED_SPLITS
         self.image_dir = os.path.join(root, "leftImg8bit", split)
-        self.files = find_images(root, split)
+        self.files = find_images(root, split, self.labelled)
         self.class_names = CLASS_NAMES
         self.category_ids = list(CATEGORY_IDS)
         self.num_classes = len(CLASS_NAMES)
@@ -125,7 +134,14 @@ class CityscapesInstances:
     def index_of(self, image_id: int) -> int:
         return image_id - 1
 
+    def gt_path(self, image_id: int) -> str:
+        """The gtFine instanceIds PNG of an image (what cityscapesScripts scores against)."""
+        return self.files[self.index_of(image_id)][1]
+
     def _instances(self, i: int) -> tuple[tuple[int, int], list[dict]]:
+        if not self.labelled:
+            with Image.open(os.path.join(self.image_dir, self.files[i][0])) as im:   # reads the header only
+                return (im.height, im.width), []
         ids = read_instance_ids(self.files[i][1])
         instances, skipped = decode_instances(ids)
         with self._lock:
