@@ -30,6 +30,7 @@ setup(
     ],
     extras_require={
         "torch": ["torch==2.13.0"],          # only to write reference checkpoints in tests
-        "test": ["pytest", "pytest-xdist>=3.6", "torch==2.13.0"],
+        "video": ["av>=14"],                 # --mode predict on video files (video.py)
+        "test": ["pytest", "pytest-xdist>=3.6", "torch==2.13.0", "av>=14", "tensorboard"],
     },
 )

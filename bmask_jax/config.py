@@ -131,8 +131,11 @@ def base() -> ml_collections.ConfigDict:
     # Images of more pixels than max_image_pixels are skipped and listed (checked on the header,
     # before decoding: a 20 KB PNG can declare 12000x12000); at most this many decoded pixels
     # (plus one image) are held at a time.
+    # Videos (.mp4 .mov .avi .mkv .webm) among the inputs: every frame_stride-th frame is
+    # predicted, at most max_frames of them (0: all).
     c.predict = ml_collections.ConfigDict(dict(inputs="", output_dir="", score_threshold=0.5,
-                                               min_picture_size=512, max_image_pixels=50_000_000))
+                                               min_picture_size=512, max_image_pixels=50_000_000,
+                                               frame_stride=1, max_frames=0))
     return c
 
 

@@ -50,14 +50,18 @@ def to_coco_results(image_id: int, inst: dict, category_ids) -> list[dict]:
     return out
 
 
-def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
+def evaluate(config, workdir: str, variables: dict, mesh=None, step: int | None = None) -> dict:
     """Run the model over data.eval_split, write detections.json, metrics.json, the AP-vs-IoU
     plot and pictures of the first eval.num_pictures images into workdir; return the metrics.
 
     Data parallel over `mesh` (default: every device of every process): each process prepares
     its share of each global batch, each device detects on its own images, each process pastes
     and encodes its own detections, and process 0 gathers them, scores them and writes the
-    files (the other processes return {}). Pictures are of process 0's images."""
+    files (the other processes return {}). Pictures are of process 0's images.
+
+    The APs and the pictures also go to TensorBoard (workdir/tensorboard) at `step`, the
+    training step of the evaluated parameters (default: the workdir's newest checkpoint, else
+    0)."""
     mesh = mesh or sharding.make_mesh()
     is_main = jax.process_index() == 0
     dataset = build_dataset(config.data, config.data.eval_split)
@@ -70,7 +74,7 @@ def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
     sizes = image_sizes(dataset, gt["images"])
     detect = make_detector(config, mesh)
     variables = sharding.put_replicated(variables, mesh)
-    results, pictures = [], []
+    results, pictures, drawings = [], [], []
     pic_dir = os.path.join(workdir, "pictures")
     os.makedirs(pic_dir, exist_ok=True)
     batches = eval_batches(dataset, config.data, global_eval_batch(config.eval.batch_size, mesh),
@@ -90,6 +94,8 @@ def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
                                        dataset.class_names, inst["boundaries"], config.predict.score_threshold,
                                        config.predict.min_picture_size)
                 save_image(os.path.join(pic_dir, f"{image_id:06d}.png"), drawn)
+                if len(drawings) < TENSORBOARD_PICTURES:
+                    drawings.append((image_id, drawn))
     results = sharding.gather_to_main(results)
     if not is_main:
         return {}
@@ -112,10 +118,42 @@ def evaluate(config, workdir: str, variables: dict, mesh=None) -> dict:
         plot_ap_vs_iou({kind: metrics[kind]["AP_per_iou"] for kind in IOU_TYPES},
                        os.path.join(workdir, "ap_vs_iou.png"),
                        title=f"AP vs IoU threshold ({config.model.mask_head.name})")
+    write_tensorboard(workdir, eval_step(workdir) if step is None else step, metrics, drawings)
     summary = format_metrics(metrics)
     logging.info("\n%s", summary)
     print(summary, flush=True)
     return metrics
+
+
+TENSORBOARD_PICTURES = 4
+TENSORBOARD_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def eval_step(workdir: str) -> int:
+    """The step of the workdir's newest checkpoint (what --mode evaluate restores), else 0."""
+    from bmask_jax import checkpoints
+    steps = checkpoints.step_folders(checkpoints.directory(workdir))
+    return steps[0] if steps else 0
+
+
+def write_tensorboard(workdir: str, step: int, metrics: dict, drawings: list) -> None:
+    """What a detectron2 user finds in TensorBoard after an evaluation: bbox/AP, segm/AP50,
+    boundary/AP75, ... in percent (pycocotools' -1, an area range without objects, left out),
+    cityscapes/AP and AP50 where scored, and the first pictures with masks and boundaries
+    (eval/<image id>), all at the training step of the evaluated model."""
+    from tensorboardX import SummaryWriter
+    with SummaryWriter(os.path.join(workdir, "tensorboard")) as tb:
+        for kind in IOU_TYPES:
+            for k in TENSORBOARD_KEYS:
+                v = metrics.get(kind, {}).get(k)
+                if v is not None and v >= 0:
+                    tb.add_scalar(f"{kind}/{k}", 100 * v, step)
+        official = metrics.get("cityscapes", {})
+        for k in ("AP", "AP50"):
+            if official.get(k) is not None:
+                tb.add_scalar(f"cityscapes/{k}", 100 * official[k], step)
+        for image_id, drawn in drawings:
+            tb.add_image(f"eval/{image_id:06d}", drawn, step, dataformats="HWC")
 
 
 def image_sizes(dataset, images: list[dict]) -> list[tuple[int, int]] | None:

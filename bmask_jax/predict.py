@@ -1,6 +1,7 @@
 """--mode predict: image files -> pictures (masks, boxes, labels, boundaries) and COCO-format
-predictions.json, through the Predictor. Files that cannot be read are reported and skipped;
-the rest are still predicted and written."""
+predictions.json, through the Predictor; video files -> annotated videos and a JSON line per
+frame (video.py). Files that cannot be read are reported and skipped; the rest are still
+predicted and written."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from bmask_jax import sharding
 from bmask_jax.data.images import load_rgb
 from bmask_jax.evaluate import to_coco_results
 from bmask_jax.predictor import Predictor
+from bmask_jax.video import VIDEO_EXTENSIONS, is_video, predict_video
 from bmask_jax.visualize import draw_instances, save_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -20,20 +22,22 @@ FAILURES_FILE = "failed_images.json"
 
 
 def list_images(inputs: str) -> list[str]:
-    """Image paths from a comma-separated list of files and folders. A named file is taken
-    whatever its extension (and reported later if it is not an image); folders contribute
-    their files with an image extension. A name that does not exist is an error."""
+    """Image and video paths from a comma-separated list of files and folders. A named file is
+    taken whatever its extension (and reported later if it is not an image); folders
+    contribute their files with an image or video extension. A name that does not exist is an
+    error."""
     paths = []
     for item in [p for p in inputs.split(",") if p]:
         if os.path.isdir(item):
             paths += sorted(os.path.join(item, f) for f in os.listdir(item)
-                            if f.lower().endswith(IMAGE_EXTENSIONS))
+                            if f.lower().endswith(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS))
         elif os.path.isfile(item):
             paths.append(item)
         else:
-            raise FileNotFoundError(f"predict.inputs: {item!r} is neither an image file nor a folder")
+            raise FileNotFoundError(f"predict.inputs: {item!r} is neither an image or video file nor a folder")
     if not paths:
-        raise FileNotFoundError(f"predict.inputs={inputs!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise FileNotFoundError(f"predict.inputs={inputs!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}) "
+                                f"or videos ({', '.join(VIDEO_EXTENSIONS)})")
     return paths
 
 
@@ -67,6 +71,9 @@ def predict(config, workdir: str, output_dir: str, predictor: Predictor | None =
     predictions.json or None on other processes, the failures: [{"file", "error"}] of every
     process). Unreadable files are skipped, listed in failed_images.json and returned. The model
     is workdir's newest checkpoint, else config.model.weights (the Predictor's rule)."""
+    if config.predict.frame_stride < 1 or config.predict.max_frames < 0:
+        raise ValueError(f"predict.frame_stride must be >= 1 and predict.max_frames >= 0 (0: every frame), got "
+                         f"{config.predict.frame_stride} and {config.predict.max_frames}")
     paths = list_images(config.predict.inputs)     # a missing input is one error before the model is built
     pictures = picture_names(paths)
     predictor = predictor or Predictor(config, workdir, score_threshold=config.predict.score_threshold,
@@ -89,6 +96,12 @@ def predict(config, workdir: str, output_dir: str, predictor: Predictor | None =
 
     group, pixels = [], 0
     for k in mine:
+        if is_video(paths[k]):
+            _, error = predict_video(paths[k], output_dir, predictor, config.predict.frame_stride,
+                                     config.predict.max_frames)
+            if error:
+                failures.append({"file": paths[k], "error": error})
+            continue
         try:
             image = load_rgb(paths[k], max_pixels=budget)
         except ValueError as e:                    # load_rgb names the file

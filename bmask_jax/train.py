@@ -229,7 +229,8 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
     if t.eval_at_end:
         from bmask_jax import evaluate
         # Every process takes part; process 0 gathers the detections and returns the metrics.
-        return evaluate.evaluate(config, workdir, {"params": state.params, "frozen": state.frozen}, mesh)
+        return evaluate.evaluate(config, workdir, {"params": state.params, "frozen": state.frozen}, mesh,
+                                 step=int(state.step))
     return {}
 
 

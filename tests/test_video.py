@@ -1,0 +1,135 @@
+"""Videos in --mode predict: a clip the test writes (shapes moving across frames) comes back
+annotated at its size and frame rate, with one JSON line per frame whose instances are the
+Predictor's on the same decoded frames; a truncated clip keeps what was done and fails."""
+import fractions
+import json
+import os
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+import jax
+
+from bmask_jax import checkpoints
+from bmask_jax.data.synthetic import SyntheticShapes
+from bmask_jax.models.bmask_rcnn import BMaskRCNN
+from bmask_jax.predict import predict
+from bmask_jax.predictor import Predictor
+from bmask_jax.state import create_train_state
+from helpers import tiny_config
+
+av = pytest.importorskip("av", reason="PyAV (pip install -e '.[video]') decodes and encodes videos")
+
+H, W, FPS, FRAMES = 64, 96, 12, 10
+
+
+def write_clip(path, frames=FRAMES, fps=FPS):
+    """Shapes from the embedded dataset on a background, sliding right 3 px a frame."""
+    shapes = SyntheticShapes("val", num_images=1, image_size=(H, H), seed=3)[0]["image"]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        for t in range(frames):
+            canvas = np.full((H, W, 3), 30, np.uint8)
+            x = min(3 * t, W - H)
+            canvas[:, x:x + H] = shapes
+            for packet in stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def decoded_frames(path):
+    with av.open(str(path)) as f:
+        return [frame.to_ndarray(format="rgb24") for frame in f.decode(video=0)]
+
+
+def config_for(inputs="", **predict):
+    """The tiny model on the clip's 64x96 canvas, every detection kept (fresh weights)."""
+    c = tiny_config()
+    c.data.update(test_short_side=64, max_size=96, canvas_buckets=((64, 96),))
+    c.model.roi_heads.score_threshold = 0.0
+    c.predict.update(inputs=str(inputs), score_threshold=0.0, **predict)
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+    """A workdir holding a step-0 checkpoint of config_for()'s model."""
+    c = config_for()
+    path = str(tmp_path_factory.mktemp("video") / "run")
+    state, _ = create_train_state(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))
+    mgr = checkpoints.manager(path, 1, async_save=False)
+    checkpoints.save(mgr, 0, state, force=True)
+    mgr.wait_until_finished()
+    return path
+
+
+def test_video_is_predicted_frame_by_frame(trained_workdir, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip)
+    c = config_for(clip)
+    out_dir = tmp_path / "out"
+    _, failures = predict(c, trained_workdir, str(out_dir))
+    assert failures == []
+    with av.open(str(out_dir / "clip.mp4")) as f:
+        stream = f.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == (W, H)
+        assert stream.average_rate == fractions.Fraction(FPS)
+        assert sum(1 for _ in f.decode(video=0)) == FRAMES
+    lines = [json.loads(x) for x in open(out_dir / "clip.jsonl")]
+    assert [x["frame"] for x in lines] == list(range(FRAMES))
+    assert lines[3]["time_s"] == pytest.approx(3 / FPS)
+    # The Predictor on the same decoded frames gives the same instances.
+    predictor = Predictor(c, trained_workdir, score_threshold=0.0)
+    expected = predictor(decoded_frames(clip))
+    assert sum(len(x["instances"]) for x in lines) > 0
+    for line, want in zip(lines, expected):
+        got = line["instances"]
+        assert [r["class_name"] for r in got] == list(want["class_names"])
+        np.testing.assert_allclose([r["score"] for r in got], want["scores"], atol=1e-5)
+        np.testing.assert_allclose([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in got)],
+                                   want["boxes"].reshape(-1, 4), atol=1e-3)
+        for r, mask in zip(got, want["masks"]):
+            assert (mask_utils.decode(r["segmentation"]).astype(bool) != mask).sum() == 0
+
+
+def test_stride_and_max_frames_bound_a_long_video(trained_workdir, tmp_path):
+    clip = tmp_path / "long.mkv"
+    write_clip(clip, frames=12)
+    _, failures = predict(config_for(clip, frame_stride=3, max_frames=3), trained_workdir, str(tmp_path / "out"))
+    assert failures == []
+    assert [json.loads(x)["frame"] for x in open(tmp_path / "out" / "long.jsonl")] == [0, 3, 6]
+    with av.open(str(tmp_path / "out" / "long.mp4")) as f:
+        assert f.streams.video[0].average_rate == fractions.Fraction(FPS, 3)     # the clip keeps its pace
+        assert sum(1 for _ in f.decode(video=0)) == 3
+
+
+def test_a_truncated_video_keeps_its_frames_and_fails(trained_workdir, tmp_path):
+    """An mkv cut where its 11th packet starts: the frames before the cut are predicted and
+    written, the file is listed as failed with where decoding stopped, and an image beside it
+    is still predicted."""
+    whole = tmp_path / "whole.mkv"
+    write_clip(whole, frames=20)
+    with av.open(str(whole)) as f:
+        cut_at = [p.pos for p in f.demux(video=0) if p.size][10]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "cut.mkv").write_bytes(whole.read_bytes()[:cut_at])
+    from PIL import Image
+    Image.fromarray(decoded_frames(whole)[0]).save(inputs / "frame.png")
+    out_dir = tmp_path / "out"
+    path, failures = predict(config_for(inputs), trained_workdir, str(out_dir))
+    assert [f["file"] for f in failures] == [str(inputs / "cut.mkv")]
+    assert "cut.mkv" in failures[0]["error"] and "kept" in failures[0]["error"]
+    kept = [json.loads(x) for x in open(out_dir / "cut.jsonl")]
+    assert 0 < len(kept) < 20
+    with av.open(str(out_dir / "cut.mp4")) as f:
+        assert sum(1 for _ in f.decode(video=0)) == len(kept)
+    assert {p["file_name"] for p in json.load(open(path))} == {"frame.png"}
+    assert os.path.exists(out_dir / "frame.png")
+    # Not a video at all, named as one: one failure naming it.
+    (inputs / "cut.mkv").write_bytes(b"not a video")
+    _, failures = predict(config_for(inputs / "cut.mkv"), trained_workdir, str(tmp_path / "out2"))
+    assert len(failures) == 1 and "cannot read video" in failures[0]["error"]
