@@ -1,4 +1,4 @@
-"""Docs that cannot rot: in README.md and docs/*.md, every relative link and #anchor resolves,
+"""Docs that cannot rot: in README.md, CONTRIBUTING.md and docs/*.md, every relative link and #anchor resolves,
 every `configs/<file>.py:<variant>` builds, every `python -m bmask_jax.X` exists and answers
 --help, and every `--config.KEY=` names a real key."""
 import os
@@ -11,7 +11,7 @@ import pytest
 from bmask_jax import config as config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAGES = ["README.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs"))
+PAGES = ["README.md", "CONTRIBUTING.md"] + sorted(os.path.join("docs", f) for f in os.listdir(os.path.join(REPO, "docs"))
                                if f.endswith(".md"))
 
 
