@@ -22,19 +22,22 @@ import sys
 import threading
 
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 from PIL import Image
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:variant.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Training workdir (its newest checkpoint); else config.model.weights.")
-flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (127.0.0.1: this machine only).")
-flags.DEFINE_integer("port", 7860, "Port to serve on (0: any free one).")
-flags.mark_flags_as_required(["config"])
-
 MAX_UPLOAD_BYTES = 50 * 2 ** 20
+
+
+def _define_flags():
+    """The command's flags, defined only when it runs: importing this module (DemoServer) next
+    to bmask_jax.main or export must not define --config twice."""
+    from absl import flags
+    from ml_collections import config_flags
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:variant.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Training workdir (its newest checkpoint); else config.model.weights.")
+    flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (127.0.0.1: this machine only).")
+    flags.DEFINE_integer("port", 7860, "Port to serve on (0: any free one).")
+    flags.mark_flags_as_required(["config"])
 
 
 def png_data_url(rgba: np.ndarray) -> str:
@@ -227,6 +230,9 @@ $("download").addEventListener("click", () => {
 
 def main(argv):
     del argv
+    from absl import flags
+    from ml_collections import config_flags
+    FLAGS = flags.FLAGS
     import jax
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("BMASK_JAX_CACHE", os.path.expanduser("~/.cache/bmask_jax/xla")))
@@ -248,4 +254,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from absl import app
+    _define_flags()
     app.run(main)
