@@ -46,11 +46,14 @@ def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, 
 
     from bmask_jax.ops.masks import masks_to_rle
     from bmask_jax.visualize import draw_instances
-    av = _import_av()
     stem = os.path.splitext(os.path.basename(path))[0]
     video_out = os.path.join(output_dir, f"{stem}.mp4")
     jsonl_out = os.path.join(output_dir, f"{stem}.jsonl")
     done = {"video": video_out, "frames_jsonl": jsonl_out, "frames": 0}
+    try:
+        av = _import_av()
+    except ImportError as e:                 # the images of the same run are still predicted
+        return done, f"cannot read video {path}: {e}"
     try:
         source = av.open(path)
         stream = source.streams.video[0]
