@@ -23,6 +23,8 @@ from bmask_jax.predictor import Predictor
 from bmask_jax.state import create_train_state
 from helpers import tiny_config
 
+pytestmark = pytest.mark.slow      # compiles a detector for tens of seconds
+
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed "
                                "(pip install playwright): the browser test of the demo page is skipped")
 CHROMIUM = os.environ.get("BMASK_JAX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

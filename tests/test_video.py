@@ -19,6 +19,8 @@ from bmask_jax.predictor import Predictor
 from bmask_jax.state import create_train_state
 from helpers import tiny_config
 
+pytestmark = pytest.mark.slow      # compiles a detector for tens of seconds
+
 av = pytest.importorskip("av", reason="PyAV (pip install -e '.[video]') decodes and encodes videos")
 
 H, W, FPS, FRAMES = 64, 96, 12, 10
