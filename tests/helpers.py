@@ -24,6 +24,20 @@ def tiny_config(head: str = "bmask"):
     return config_lib.mask_head(config_lib.tiny(config_lib.base()), head)
 
 
+def fresh_checkpoint(c, path: str) -> str:
+    """A workdir at `path` holding a step-0 checkpoint of config c's model (fresh weights)."""
+    import jax
+
+    from bmask_jax import checkpoints
+    from bmask_jax.models.bmask_rcnn import BMaskRCNN
+    from bmask_jax.state import create_train_state
+    state, _ = create_train_state(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))
+    mgr = checkpoints.manager(path, 1, async_save=False)
+    checkpoints.save(mgr, 0, state, force=True)
+    mgr.wait_until_finished()
+    return path
+
+
 def first_batch(c) -> dict:
     """The model inputs of training step 0 for config c."""
     loader = TrainBatches(build_dataset(c.data, "train"), c.data, c.train.batch_size, 0)

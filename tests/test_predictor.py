@@ -14,16 +14,14 @@ import pytest
 from PIL import Image
 
 import bmask_jax
-from bmask_jax import checkpoints
 from bmask_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
 from bmask_jax.data.transforms import prepare_example
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.postprocess import postprocess
 from bmask_jax.predict import FAILURES_FILE, predict
 from bmask_jax.predictor import Predictor
-from bmask_jax.state import create_train_state
 from bmask_jax.train import compile_count
-from helpers import tiny_config
+from helpers import fresh_checkpoint, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,13 +38,7 @@ def predictor_config():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A workdir holding a step-0 checkpoint of predictor_config()."""
-    c = predictor_config()
-    path = str(tmp_path_factory.mktemp("predictor") / "run")
-    state, _ = create_train_state(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))
-    mgr = checkpoints.manager(path, 1, async_save=False)
-    checkpoints.save(mgr, 0, state, force=True)
-    mgr.wait_until_finished()
-    return path
+    return fresh_checkpoint(predictor_config(), str(tmp_path_factory.mktemp("predictor") / "run"))
 
 
 def images():

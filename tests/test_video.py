@@ -9,15 +9,10 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-import jax
-
-from bmask_jax import checkpoints
 from bmask_jax.data.synthetic import SyntheticShapes
-from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.predict import predict
 from bmask_jax.predictor import Predictor
-from bmask_jax.state import create_train_state
-from helpers import tiny_config
+from helpers import fresh_checkpoint, tiny_config
 
 pytestmark = pytest.mark.slow      # compiles a detector for tens of seconds
 
@@ -59,13 +54,7 @@ def config_for(inputs="", **predict):
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
     """A workdir holding a step-0 checkpoint of config_for()'s model."""
-    c = config_for()
-    path = str(tmp_path_factory.mktemp("video") / "run")
-    state, _ = create_train_state(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))
-    mgr = checkpoints.manager(path, 1, async_save=False)
-    checkpoints.save(mgr, 0, state, force=True)
-    mgr.wait_until_finished()
-    return path
+    return fresh_checkpoint(config_for(), str(tmp_path_factory.mktemp("video") / "run"))
 
 
 def test_video_is_predicted_frame_by_frame(trained_workdir, tmp_path):
