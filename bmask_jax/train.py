@@ -10,6 +10,7 @@ import signal
 import time
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -33,8 +34,11 @@ def train_step(state: TrainState, batch: dict, model: BMaskRCNN, tx, seed: int, 
         return sum(losses.values()), losses
 
     (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    finite = jnp.isfinite(total) & jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    # One reduction over every gradient entry, not one per leaf: XLA rewrites an `all` of the
+    # per-leaf flags into a chain of ~120 scalar ANDs and copies that chain into each of the
+    # ~240 parameter/optimizer update fusions (88k HLO lines instead of 31k for the tiny model,
+    # and a backend compile of 13 s instead of 8 at -O0).
+    finite = jnp.isfinite(total) & jnp.all(jnp.isfinite(jax.flatten_util.ravel_pytree(grads)[0]))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     keep_old = lambda new, old: jax.tree_util.tree_map(  # noqa: E731

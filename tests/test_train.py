@@ -2,6 +2,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -171,3 +172,31 @@ def test_images_without_instances_train_with_finite_losses():
     # With no GT anywhere, the regression and mask terms have nothing to learn from.
     assert values["loss_box_reg"] == 0.0 and values["loss_rpn_loc"] == 0.0
     assert values["loss_mask"] == 0.0
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_not_applied():
+    """train_step's finiteness check covers every gradient entry, not just the loss: sqrt at 0
+    has a finite value and an infinite derivative, in one entry of one leaf."""
+    import optax
+
+    from bmask_jax.state import TrainState
+    from bmask_jax.train import MODEL_KEYS
+
+    class SqrtModel:
+        def apply(self, variables, batch, rngs):
+            p = variables["params"]
+            return {"loss_a": jnp.sum(jnp.sqrt(p["a"])), "loss_b": jnp.sum(p["b"] ** 2)}
+
+    params = {"a": jnp.array([1.0, 0.0, 4.0]), "b": jnp.ones((2, 2))}
+    tx = optax.sgd(0.1)
+    state = TrainState(step=jnp.array(0), params=params, frozen={}, opt_state=tx.init(params),
+                       first_nonfinite_step=jnp.array(-1), num_skipped=jnp.array(0))
+    batch = {k: jnp.zeros(1) for k in MODEL_KEYS}
+    new, metrics = jax.jit(lambda s, b: train_step(s, b, SqrtModel(), tx, 0, True))(state, batch)
+    assert np.isfinite(float(metrics["total_loss"]))
+    assert int(new.first_nonfinite_step) == 0 and int(new.num_skipped) == 1
+    np.testing.assert_array_equal(new.params["b"], params["b"])     # the finite leaf did not move either
+    # Without the zero the same step is applied.
+    state = state.replace(params={"a": jnp.array([1.0, 2.0, 4.0]), "b": jnp.ones((2, 2))})
+    new, _ = jax.jit(lambda s, b: train_step(s, b, SqrtModel(), tx, 0, True))(state, batch)
+    assert int(new.num_skipped) == 0 and not np.allclose(new.params["b"], 1.0)
