@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from bmask_jax import cityscapes_eval, sharding
+from bmask_jax import cityscapes_eval, jit_cache, sharding
 from bmask_jax.coco_eval import IOU_TYPES, coco_evaluate, plot_ap_vs_iou
 from bmask_jax.data.pipeline import build_dataset, eval_batches
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -23,12 +23,16 @@ def make_detector(config, mesh=None):
     """A jitted function (variables, batch) -> detections on the canvas. Over a `mesh`, the
     batch and the detections are sharded along 'data' and the variables replicated: every
     device detects on its own images."""
-    model = BMaskRCNN(config.model)
-    fn = lambda variables, batch: model.apply(variables, batch, train=False)  # noqa: E731
-    if mesh is None:
-        return jax.jit(fn)
-    return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-                   out_shardings=sharding.batch_sharding(mesh))
+    def build():
+        model = BMaskRCNN(config.model.copy_and_resolve_references())
+        fn = lambda variables, batch: model.apply(variables, batch, train=False)  # noqa: E731
+        if mesh is None:
+            return jax.jit(fn)
+        return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                       out_shardings=sharding.batch_sharding(mesh))
+
+    # One per model and mesh in the process: evaluating again, or a second Predictor, reuses it.
+    return jit_cache.get(("detect", jit_cache.section_key(config.model), mesh), build)
 
 
 def global_eval_batch(batch_size: int, mesh) -> int:

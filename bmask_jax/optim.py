@@ -8,18 +8,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bmask_jax import jit_cache
+
 
 def learning_rate(train_cfg):
     """detectron2's WarmupMultiStepLR: linear warmup from warmup_factor, x gamma at each step."""
-    t = train_cfg
-    steps = tuple(t.lr_steps)
+    # The numbers are read now: the schedule is traced later, and the config may change meanwhile.
+    steps = tuple(train_cfg.lr_steps)
+    base_lr, gamma = train_cfg.base_lr, train_cfg.lr_gamma
+    warmup_iters, warmup_factor = train_cfg.warmup_iters, train_cfg.warmup_factor
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        alpha = jnp.minimum(step / max(t.warmup_iters, 1), 1.0)
-        warmup = jnp.where(step < t.warmup_iters, t.warmup_factor * (1 - alpha) + alpha, 1.0)
+        alpha = jnp.minimum(step / max(warmup_iters, 1), 1.0)
+        warmup = jnp.where(step < warmup_iters, warmup_factor * (1 - alpha) + alpha, 1.0)
         decays = sum(jnp.where(step >= s, 1, 0) for s in steps) if steps else 0
-        return t.base_lr * warmup * (t.lr_gamma ** decays)
+        return base_lr * warmup * (gamma ** decays)
 
     return schedule
 
@@ -52,7 +56,21 @@ def parameter_labels(params, model_cfg):
 OPTIMIZERS = ("sgd", "adamw")
 
 
+# train.* keys that do not enter the optimizer or the compiled step (the loop's, and the batch
+# size, which only shapes the inputs).
+LOOP_KEYS = ("batch_size", "checkpoint_every", "eval_at_end", "keep_checkpoints", "log_every", "max_iter")
+
+
 def make_optimizer(config, params) -> optax.GradientTransformation:
+    """The optimizer of config for params: the same object for the same settings in this
+    process, so that a compiled train step (train.jit_train_step) can be reused."""
+    settings = {k: v for k, v in config.train.items() if k not in LOOP_KEYS}
+    key = ("optimizer", repr(sorted(settings.items())), jit_cache.section_key(config.model),
+           jax.tree_util.tree_structure(params))
+    return jit_cache.get(key, lambda: _make_optimizer(config, params))
+
+
+def _make_optimizer(config, params) -> optax.GradientTransformation:
     """train.optimizer over the parameter groups of parameter_labels ('default': weight_decay,
     'norm': weight_decay_norm, 'frozen': not updated), on learning_rate's schedule:
 

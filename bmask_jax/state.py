@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bmask_jax import jit_cache
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.optim import make_optimizer
 
@@ -40,7 +41,11 @@ def dummy_batch(config, batch_size: int = 1) -> dict:
 
 def init_variables(config, model: BMaskRCNN, rng: jax.Array) -> dict:
     rng_params, rng_sampling = jax.random.split(rng)
-    return jax.jit(model.init)({"params": rng_params, "sampling": rng_sampling}, dummy_batch(config))
+    # One jitted init per model in the process: restoring, importing and creating states
+    # again (and jax.eval_shape of this) reuse its trace and program.
+    init = jit_cache.get(("init", type(model), jit_cache.section_key(model.cfg)),
+                         lambda: jax.jit(jit_cache.frozen_module(model).init))
+    return init({"params": rng_params, "sampling": rng_sampling}, dummy_batch(config))
 
 
 def create_train_state(config, model: BMaskRCNN, rng: jax.Array) -> tuple[TrainState, optax.GradientTransformation]:

@@ -14,7 +14,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from bmask_jax import checkpoints, pretrained, sharding
+from bmask_jax import checkpoints, jit_cache, pretrained, sharding
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.optim import learning_rate_np
@@ -58,11 +58,19 @@ def jit_train_step(config, model: BMaskRCNN, tx, mesh, donate: bool = True):
     'data', the state replicated. XLA partitions the step, so its losses and gradients are those
     of the global batch, whatever the device count; the gradients cross devices in one fused
     all-reduce (tests/test_data_parallel.py counts it)."""
-    return jax.jit(
-        lambda s, b: train_step(s, b, model, tx, config.seed, config.train.skip_nonfinite),
-        in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-        out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-        donate_argnums=0 if donate else ())
+    # One per (model, optimizer, mesh) in the process: make_optimizer gives the same tx for the
+    # same train settings, so training again in this process reuses the compiled step.
+    seed, skip = config.seed, config.train.skip_nonfinite
+    key = ("train_step", type(model), jit_cache.section_key(model.cfg), tx, seed, skip, mesh, donate)
+
+    def build():
+        frozen = jit_cache.frozen_module(model)
+        return jax.jit(lambda s, b: train_step(s, b, frozen, tx, seed, skip),
+                       in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
+                       donate_argnums=0 if donate else ())
+
+    return jit_cache.get(key, build)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -141,6 +149,7 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
 
     t = config.train
     step_fn = jit_train_step(config, model, tx, mesh)
+    compiled_before = compile_count(step_fn)      # the step may come compiled from an earlier run
 
     loader = TrainBatches(dataset, config.data, t.batch_size, config.seed, jax.process_index(),
                           jax.process_count(), config.data.num_workers)
@@ -212,7 +221,7 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
         # One compile per canvas bucket and never again: the count proves it (a recompile on
         # every new shape would show here, and is what static shapes are for).
         summary = {"start_step": start, "end_step": int(state.step), "seconds": time.time() - run_start,
-                   "canvases": sorted(canvases), "train_step_compiles": compile_count(step_fn),
+                   "canvases": sorted(canvases), "train_step_compiles": compile_count(step_fn) - compiled_before,
                    "instances_beyond_max": loader.num_dropped, "skipped_nonfinite": int(state.num_skipped),
                    # What the training set left out, by reason (bad annotations, degenerate masks).
                    "skipped_annotations": dict(getattr(dataset, "skipped", {}))}

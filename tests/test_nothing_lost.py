@@ -143,12 +143,13 @@ def _train_cli(workdir, max_iter):
 @pytest.mark.slow
 @pytest.mark.parametrize("limit", ["bytes", "inodes"])
 def test_full_disk_stops_training_with_one_line_and_resume_cleans_up(tmp_path, limit):
-    """On a small tmpfs: 10 MiB holds one tiny checkpoint (7 MiB), not two; 45 inodes hold one,
-    not two. Either way the second save is refused before writing: orbax, left to fail on
+    """On a small tmpfs: 10 MiB holds one tiny checkpoint (7 MiB), not two; 52 inodes hold one,
+    not two (a tiny checkpoint is 23 to 32 files and folders, as many data files as orbax's
+    writer threads made, and the workdir's logs take about 10: at 45 a first save once failed). Either way the second save is refused before writing: orbax, left to fail on
     inodes mid-write, hung 5 minutes before its error. Resuming after a save that did fail
     half-written (its temporary folder left behind, as a kill -9 mid-save leaves it) removes it."""
     mount = tmp_path / "disk"
-    if not _mount_tmpfs(mount, "size=10m" if limit == "bytes" else "size=50m,nr_inodes=45"):
+    if not _mount_tmpfs(mount, "size=10m" if limit == "bytes" else "size=50m,nr_inodes=52"):
         pytest.skip("cannot mount a tmpfs here (needs root): the full-disk case is not reproduced")
     try:
         workdir = mount / "run"

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 import bmask_jax
+from bmask_jax import jit_cache
 from bmask_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
 from bmask_jax.data.transforms import prepare_example
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -73,6 +74,7 @@ def assert_same_instances(a: dict, b: dict):
 @pytest.mark.slow
 def test_predictor_any_sizes_batched_over_buckets(workdir):
     c = predictor_config()
+    jit_cache.clear()           # the compile count below starts from a fresh process's
     predictor = bmask_jax.Predictor(c, workdir)
     assert predictor.class_names == list(CLASS_NAMES)
     ims = images()

@@ -50,7 +50,7 @@ def test_export_command_and_serving_without_flax(workdir, tmp_path):  # noqa: F8
              "--config.data.test_short_side=32", "--config.data.max_size=64",
              "--config.data.canvas_buckets=((32, 64), (64, 32), (64, 64))",
              "--config.model.roi_heads.score_threshold=0.0"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)     # this checkout's code, installed or not
     run = subprocess.run([sys.executable, "-m", "bmask_jax.export", *flags, "--workdir", workdir, "--output", str(out)],
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -143,6 +143,8 @@ def test_train_loop_writes_metrics_checkpoints_and_resumes(tmp_path):
     train_and_evaluate(c, workdir)
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [2, 4, 6]
+    # ... with the train step the first run compiled (bmask_jax/jit_cache.py).
+    assert json.load(open(os.path.join(workdir, "train_summary.json")))["train_step_compiles"] == 0
 
 
 def test_uncapped_adaptive_roi_align_is_refused_for_training(tmp_path):
