@@ -17,14 +17,12 @@ from ml_collections import config_flags
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.layers import Conv, Deconv2x
-from bmask_jax.state import dummy_batch
+from bmask_jax.state import dummy_batch, init_variables
 
 
 def parameter_counts(config) -> dict[str, int]:
     """Trainable parameters per top-level module (FrozenBN constants are not parameters)."""
-    model = BMaskRCNN(config.model)
-    shapes = jax.eval_shape(lambda: model.init(
-        {"params": jax.random.PRNGKey(0), "sampling": jax.random.PRNGKey(1)}, dummy_batch(config)))
+    shapes = jax.eval_shape(lambda: init_variables(config, BMaskRCNN(config.model), jax.random.PRNGKey(0)))
     return {name: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
             for name, tree in shapes["params"].items()}
 
