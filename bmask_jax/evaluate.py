@@ -24,7 +24,7 @@ def make_detector(config, mesh=None):
     batch and the detections are sharded along 'data' and the variables replicated: every
     device detects on its own images."""
     def build():
-        model = BMaskRCNN(config.model.copy_and_resolve_references())
+        model = jit_cache.frozen_module(BMaskRCNN(config.model))
         fn = lambda variables, batch: model.apply(variables, batch, train=False)  # noqa: E731
         if mesh is None:
             return jax.jit(fn)
