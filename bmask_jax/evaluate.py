@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from bmask_jax import cityscapes_eval, jit_cache, sharding
+from bmask_jax import cityscapes_eval, events, jit_cache, sharding
 from bmask_jax.coco_eval import IOU_TYPES, coco_evaluate, plot_ap_vs_iou
 from bmask_jax.data.pipeline import build_dataset, eval_batches
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -145,8 +145,7 @@ def write_tensorboard(workdir: str, step: int, metrics: dict, drawings: list) ->
     boundary/AP75, ... in percent (pycocotools' -1, an area range without objects, left out),
     cityscapes/AP and AP50 where scored, and the first pictures with masks and boundaries
     (eval/<image id>), all at the training step of the evaluated model."""
-    from tensorboardX import SummaryWriter
-    with SummaryWriter(os.path.join(workdir, "tensorboard")) as tb:
+    with events.summary_writer(os.path.join(workdir, "tensorboard")) as tb:
         for kind in IOU_TYPES:
             for k in TENSORBOARD_KEYS:
                 v = metrics.get(kind, {}).get(k)

@@ -14,7 +14,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from bmask_jax import checkpoints, jit_cache, pretrained, sharding
+from bmask_jax import checkpoints, events, jit_cache, pretrained, sharding
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.optim import learning_rate_np
@@ -293,8 +293,7 @@ def json_safe(values: dict) -> dict:
 
 def _metric_writer(workdir: str):
     """Metrics to workdir/metrics.jsonl and TensorBoard event files in workdir/tensorboard."""
-    from tensorboardX import SummaryWriter
-    tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    tb = events.summary_writer(os.path.join(workdir, "tensorboard"))
     path = os.path.join(workdir, "metrics.jsonl")
 
     def write(step: int, values: dict) -> None:

@@ -50,3 +50,20 @@ def test_training_and_evaluation_write_scalars_and_pictures(tmp_path):
     assert [e.step for e in events] == [4, 4]
     np.testing.assert_allclose([e.value for e in events], 100 * again["segm"]["AP"], atol=1e-4)
     assert json.load(open(workdir / "metrics.json"))["segm"]["AP"] == again["segm"]["AP"]
+
+
+def test_the_writer_does_not_load_torch_and_torch_still_imports(tmp_path):
+    # tensorboardX imports torch when it is installed (1.8 s a start); it must not, and a
+    # later `import torch` must work. A fresh interpreter: this one may have torch loaded.
+    import subprocess
+    import sys
+    code = ("import sys\nfrom bmask_jax import events\n"
+            f"w = events.summary_writer({str(tmp_path)!r}); w.add_scalar('x', 1.0, 0); w.close()\n"
+            "assert 'torch' not in sys.modules, 'torch was loaded'\n"
+            "import importlib.util\n"
+            "if importlib.util.find_spec('torch'):\n    import torch; torch.zeros(1)\n")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=dict(os.environ, PYTHONPATH=repo),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert read_events(tmp_path).Scalars("x")[0].value == 1.0

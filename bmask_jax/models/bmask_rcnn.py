@@ -149,6 +149,12 @@ class BMaskRCNN(nn.Module):
             boundary_feats = pool(pyramid, levels, strides, boxes, cfg.boundary.resolution,
                                   cfg.roi_heads.sampling_ratio, cfg.roi_heads.max_adaptive_samples)
             boundary_feats = boundary_feats.reshape(n, *boundary_feats.shape[2:])
+        return self.mask_heads(feats, boundary_feats, classes)
+
+    def mask_heads(self, feats, boundary_feats, classes):
+        """The mask head (and MaskIoU head) on pooled RoI features [N, 14, 14, C] (and boundary
+        features [N, 28, 28, C] for 'bmask'); see mask_branch."""
+        m = self.cfg.mask_head
         if m.name == "sobel":
             mask_logits, boundary_logits = self.mask_head(feats, None, classes)
         else:
@@ -237,6 +243,22 @@ class BMaskRCNN(nn.Module):
             probs, deltas.reshape(b, p, -1), boxes, proposal_valid, image_hw)
 
     # -- forward ------------------------------------------------------------------------------
+    def initialize(self, batch: dict) -> None:
+        """Calls every submodule once, on the shapes it sees in training, so that `init` with
+        this method creates the same variables (names, shapes and values: each module draws
+        from its own path's stream) as the training forward, without tracing RPN matching,
+        proposals, sampling, pooling and the losses. batch: as `losses`, only image and
+        image_hw are read."""
+        with use_kernels(self.cfg.get("kernels", "auto")):
+            pyramid = self.pyramid(batch["image"], batch["image_hw"])
+            self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
+            channels, dtype = pyramid["p2"].shape[-1], pyramid["p2"].dtype
+            roi = lambda size: jnp.zeros((1, size, size, channels), dtype)  # noqa: E731
+            for head, predictor, _, _ in self.box_stages():
+                predictor(head(roi(self.cfg.roi_heads.pooler_resolution)))
+            boundary = roi(self.cfg.boundary.resolution) if self.cfg.mask_head.name == "bmask" else None
+            self.mask_heads(roi(self.cfg.mask_head.pooler_resolution), boundary, jnp.zeros((1,), jnp.int32))
+
     def __call__(self, batch: dict, train: bool = True):
         with use_kernels(self.cfg.get("kernels", "auto")):
             return self.losses(batch) if train else self.detect(batch)
