@@ -22,7 +22,6 @@ from bmask_jax.models.layers import Conv
 from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, SobelMaskHead, mask_iou_targets,
                                          mask_losses, max_pool_2x2, sobel_edges)
 from bmask_jax.ops.boundaries import boundary_targets
-from bmask_jax.state import dummy_batch
 from bmask_jax.train import train_step
 
 BASE_KEYS = {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
@@ -79,22 +78,12 @@ def _compile(fn, *args):
     return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
 
 
-def _init_through_detect(config, model, rng):
-    """state.init_variables, but tracing the detect path: the same modules and parameters, a
-    fraction of the compile time of the training forward."""
-    rng_params, rng_sampling = jax.random.split(rng)
-    dummy = dummy_batch(config)
-    return _compile(lambda b: model.init({"params": rng_params, "sampling": rng_sampling}, b, train=False),
-                    dummy)(dummy)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_trains_and_detects(name, batch, monkeypatch):
+def test_variant_trains_and_detects(name, batch):
     head, overrides, extra_keys = VARIANTS[name]
     c = variant_config(head, overrides)
     model = BMaskRCNN(c.model)
-    monkeypatch.setattr(state_lib, "init_variables", _init_through_detect)
     state, tx = state_lib.create_train_state(c, model, jax.random.PRNGKey(0))
     step = _compile(lambda s, b: train_step(s, b, model, tx, 0, False), state, batch)
     for _ in range(2):
