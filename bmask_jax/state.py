@@ -48,8 +48,8 @@ def dummy_batch(config, batch_size: int = 1, canvas: tuple[int, int] | None = No
 
 def init_variables(config, model: BMaskRCNN, rng: jax.Array) -> dict:
     """The model's initial variables, drawn from rng. `BMaskRCNN.initialize` calls each module
-    once instead of running the training forward: the same variables, with a third of the
-    trace (tests/test_heads.py compares the two), which every train, restore, import and
+    once instead of running the training forward: the same variables, traced in a third of the
+    time or less (tests/test_init.py compares the two), which every train, restore, import and
     parameter count pays."""
     rng_params, _ = jax.random.split(rng)    # (the second half once seeded the init's sampling)
     # One jitted init per model in the process: restoring, importing and creating states

@@ -247,8 +247,9 @@ class BMaskRCNN(nn.Module):
         """Calls every submodule once, on the shapes it sees in training, so that `init` with
         this method creates the same variables (names, shapes and values: each module draws
         from its own path's stream) as the training forward, without tracing RPN matching,
-        proposals, sampling, pooling and the losses. batch: as `losses`, only image and
-        image_hw are read."""
+        proposals, sampling, pooling and the losses. Under foreground buckets the training
+        forward calls the mask head inside nn.switch, which draws other values; this gives the
+        unbucketed model's. batch: as `losses`, only image and image_hw are read."""
         with use_kernels(self.cfg.get("kernels", "auto")):
             pyramid = self.pyramid(batch["image"], batch["image_hw"])
             self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
