@@ -62,7 +62,7 @@ def _pin_xdist_worker_to_its_share_of_cores():
     CPU thread pools by the cores a process may use, so each process then runs as many threads
     as its share: unpinned, two workers and their subprocesses ran two to four pools of two
     threads each on 2 cores, and the oversubscribed pools' spinning cost CPU time: the suite
-    took 676 s (1211 s of CPU), pinned 497-582 s (893-1041 s). Before the first JAX
+    took 676 s (1211 s of CPU), pinned 481-582 s (873-1041 s). Before the first JAX
     computation, which creates XLA's CPU client."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
