@@ -28,6 +28,7 @@ from bmask_jax.ops import anchors as anchor_ops
 from bmask_jax.ops import boxes as box_ops
 from bmask_jax.ops.roi_align import assign_levels, roi_align
 
+RPN_LEVELS = ("p2", "p3", "p4", "p5", "p6")     # the levels the RPN head runs on
 ROI_LEVELS = ("p2", "p3", "p4", "p5")
 ROI_STRIDES = (4, 8, 16, 32)
 
@@ -252,7 +253,7 @@ class BMaskRCNN(nn.Module):
         unbucketed model's. batch: as `losses`, only image and image_hw are read."""
         with use_kernels(self.cfg.get("kernels", "auto")):
             pyramid = self.pyramid(batch["image"], batch["image_hw"])
-            self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
+            self.rpn_head([pyramid[n] for n in RPN_LEVELS])
             channels, dtype = pyramid["p2"].shape[-1], pyramid["p2"].dtype
             roi = lambda size: jnp.zeros((1, size, size, channels), dtype)  # noqa: E731
             for head, predictor, _, _ in self.box_stages():
@@ -274,7 +275,7 @@ class BMaskRCNN(nn.Module):
         b = images.shape[0]
         pyramid = self.pyramid(images, batch["image_hw"])
         anchors = self.anchors(images.shape[1:3])
-        logits, deltas = self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
+        logits, deltas = self.rpn_head([pyramid[n] for n in RPN_LEVELS])
 
         rng_rpn, rng_roi = jax.random.split(self.make_rng("sampling"))
         out = rpn_losses(rng_rpn, jnp.concatenate(anchors), jnp.concatenate(logits, 1),
@@ -341,7 +342,7 @@ class BMaskRCNN(nn.Module):
         b = images.shape[0]
         pyramid = self.pyramid(images, batch["image_hw"])
         anchors = self.anchors(images.shape[1:3])
-        logits, deltas = self.rpn_head([pyramid[n] for n in ("p2", "p3", "p4", "p5", "p6")])
+        logits, deltas = self.rpn_head([pyramid[n] for n in RPN_LEVELS])
         proposals, _, proposal_valid, _ = self.proposals(anchors, logits, deltas, batch["image_hw"], False)
         boxes, scores, classes, valid = self.box_branch_detect(pyramid, proposals, proposal_valid,
                                                                batch["image_hw"])
