@@ -6,6 +6,7 @@ setup(
     description="Boundary-preserving Mask R-CNN (ECCV 2020) in JAX/Flax",
     packages=find_packages(include=["bmask_jax", "bmask_jax.*"]),
     python_requires=">=3.10",
+    entry_points={"console_scripts": ["bmask-jax = bmask_jax.__main__:main"]},
     install_requires=[
         "jax>=0.10.2",
         "jaxlib>=0.10.2",
@@ -25,7 +26,7 @@ setup(
         "tqdm",
         "tensorboardX",
         "absl-py",
-        "flatbuffers",                     # jax.export serialization (python -m bmask_jax.export)
+        "flatbuffers",                     # jax.export serialization (bmask-jax export)
         "cityscapesscripts>=2.2",          # Cityscapes' official instance AP (cityscapes_eval.py)
     ],
     extras_require={

@@ -17,7 +17,7 @@ def base() -> ml_collections.ConfigDict:
     m = c.model = ml_collections.ConfigDict()
     # Weights to start from when the workdir has no checkpoint, as detectron2's MODEL.WEIGHTS:
     # "" (from scratch), a local file, an https:// or detectron2:// URL, or a model-zoo name
-    # (python -m bmask_jax.model_zoo). Training applies it once; a resumed run ignores it.
+    # (bmask-jax zoo). Training applies it once; a resumed run ignores it.
     m.weights = ""
     m.num_classes = 80
     m.compute_dtype = "float32"              # or "bfloat16": bf16 compute, f32 params and losses

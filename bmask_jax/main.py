@@ -30,14 +30,14 @@ def main(argv):
     import jax
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("BMASK_JAX_CACHE", os.path.expanduser("~/.cache/bmask_jax/xla")))
-    from bmask_jax import sharding
+    from bmask_jax.engine import sharding
     sharding.initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     config = FLAGS.config
     # What the command line set: model.weights may not contradict it (pretrained.py).
     overrides = config_flags.get_override_values(FLAGS["config"])
-    from bmask_jax.checkpoints import CheckpointError
-    from bmask_jax.cityscapes_eval import CityscapesEvalError
-    from bmask_jax.pretrained import user_errors
+    from bmask_jax.engine.checkpoints import CheckpointError
+    from bmask_jax.evaluation.cityscapes_eval import CityscapesEvalError
+    from bmask_jax.weights.pretrained import user_errors
     from bmask_jax.train import ClassCountError, NonFiniteLossError
     try:
         failures, out_dir = run_mode(FLAGS.mode, config, FLAGS.workdir, overrides)
@@ -46,7 +46,7 @@ def main(argv):
         sys.exit(f"error: {e}")        # names the flag, file or URL; the traceback would bury it
     if failures:
         # Listed last, where they are seen; the exit status tells scripts.
-        from bmask_jax.predict import FAILURES_FILE
+        from bmask_jax.inference.predict import FAILURES_FILE
         sys.exit(f"could not read {len(failures)} image(s), skipped (also in "
                  f"{os.path.join(out_dir, FAILURES_FILE)}):\n"
                  + "\n".join(f"  {f['error']}" for f in failures))      # the error names the file
@@ -58,12 +58,12 @@ def run_mode(mode: str, config, workdir: str, overrides: dict) -> tuple[list, st
         from bmask_jax.train import train_and_evaluate
         train_and_evaluate(config, workdir, overrides)
     elif mode == "evaluate":
-        from bmask_jax.evaluate import evaluate
-        from bmask_jax.pretrained import inference_variables
+        from bmask_jax.evaluation.evaluate import evaluate
+        from bmask_jax.weights.pretrained import inference_variables
         config, variables = inference_variables(config, workdir, overrides)
         evaluate(config, workdir, variables)
     else:
-        from bmask_jax.predict import predict
+        from bmask_jax.inference.predict import predict
         out_dir = config.predict.output_dir or os.path.join(workdir, "predictions")
         path, failures = predict(config, workdir, out_dir, overrides=overrides)
         if path:

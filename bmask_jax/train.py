@@ -14,11 +14,13 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from bmask_jax import checkpoints, events, jit_cache, pretrained, sharding
+from bmask_jax.engine import checkpoints, events, jit_cache, sharding
+
+from bmask_jax.weights import pretrained
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.optim import learning_rate_np
-from bmask_jax.state import TrainState, create_train_state
+from bmask_jax.engine.optim import learning_rate_np
+from bmask_jax.engine.state import TrainState, create_train_state
 
 MODEL_KEYS = ("image", "image_hw", "gt_boxes", "gt_classes", "gt_valid", "gt_masks")
 
@@ -240,7 +242,7 @@ def train_and_evaluate(config, workdir: str, overrides: dict | None = None) -> d
                                  "the model did not train; not evaluating. Check the learning rate, the data and "
                                  "model.num_classes")
     if t.eval_at_end:
-        from bmask_jax import evaluate
+        from bmask_jax.evaluation import evaluate
         # Every process takes part; process 0 gathers the detections and returns the metrics.
         return evaluate.evaluate(config, workdir, {"params": state.params, "frozen": state.frozen}, mesh,
                                  step=int(state.step))

@@ -40,11 +40,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bmask_jax.postprocess import postprocess  # noqa: E402
+from bmask_jax.ops.postprocess import postprocess  # noqa: E402
 from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
 from bmask_jax.models.layers import FrozenBatchNorm  # noqa: E402
-from bmask_jax.optim import make_optimizer  # noqa: E402
-from bmask_jax.state import create_train_state, dummy_batch  # noqa: E402
+from bmask_jax.engine.optim import make_optimizer  # noqa: E402
+from bmask_jax.engine.state import create_train_state  # noqa: E402
+from bmask_jax.engine.variables import dummy_batch
 from bmask_jax.train import MODEL_KEYS, train_step  # noqa: E402
 
 

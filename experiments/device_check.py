@@ -16,13 +16,13 @@ On the CPU, in seconds, with the tiny configs:   python experiments/device_check
 
 What it measures:
   train        per-chip batch 2 and 8 (global batch = per-chip batch x jax.device_count(),
-               sharded over bmask_jax.sharding's 'data' mesh with the state replicated and
+               sharded over bmask_jax.engine.sharding's 'data' mesh with the state replicated and
                donated, as bmask_jax/train.py does): step time (median of --repeats after one
                warm-up), images/s, compile time, XLA's compiled memory analysis (memory_of in
                experiments/benchmark.py) and the device's peak_bytes_in_use so far. That peak
                never resets, so the stages run from the smallest batch up.
   inference    batch 1 on one device, score threshold 0 so that random weights still give 100
-               detections: ms/image with mask pasting (bmask_jax.postprocess.postprocess, on the
+               detections: ms/image with mask pasting (bmask_jax.ops.postprocess.postprocess, on the
                host as evaluation does it) and ms on the device alone.
   torchvision  the same canvas and per-chip batch with frozen BN, bf16 autocast and
                cudnn.benchmark, in a subprocess so that its CUDA libraries and allocator stay
@@ -75,10 +75,10 @@ from benchmark import (
     timed,
 )
 
-from bmask_jax import sharding
-from bmask_jax.postprocess import postprocess
+from bmask_jax.engine import sharding
+from bmask_jax.ops.postprocess import postprocess
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.state import create_train_state
+from bmask_jax.engine.state import create_train_state
 from bmask_jax.train import MODEL_KEYS, train_step
 
 MODELS = {"mask_rcnn": "configs/mask_rcnn.py", "bmask_rcnn": "configs/bmask_rcnn.py"}

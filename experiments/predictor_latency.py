@@ -4,7 +4,7 @@ one image per call, on the embedded model and on the COCO R50-FPN at 800x1333.
     python experiments/predictor_latency.py [--workdir runs/shapes_bmask] [--repeats 5]
 
 The embedded model is the trained one in --workdir if given (else fresh weights); the R50-FPN
-has random weights (bmask_jax.state.random_variables) and every detection kept
+has random weights (bmask_jax.engine.variables.random_variables) and every detection kept
 (score threshold 0, 100 per image), so that pasting 100 masks is part of the time, as in COCO
 evaluation. Compilation is excluded (one warm-up call per model); the median of --repeats
 calls is reported, both models timed in the same run, alternating.
@@ -26,11 +26,11 @@ sys.path.insert(0, ROOT)
 
 from bmask_jax import config as config_lib  # noqa: E402
 from bmask_jax.data.synthetic import SyntheticShapes  # noqa: E402
-from bmask_jax.export import export_model  # noqa: E402
+from bmask_jax.inference.export import export_model  # noqa: E402
 from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
-from bmask_jax.predictor import Predictor  # noqa: E402
-from bmask_jax.serving import ExportedModel  # noqa: E402
-from bmask_jax.state import init_variables, random_variables  # noqa: E402
+from bmask_jax.inference.predictor import Predictor  # noqa: E402
+from bmask_jax.inference.serving import ExportedModel  # noqa: E402
+from bmask_jax.engine.variables import init_variables, random_variables  # noqa: E402
 
 
 def time_calls(fns: dict, images: list, repeats: int) -> dict:
@@ -71,7 +71,7 @@ def main(argv=None):
 
     c = config_lib.variant(config_lib.mask_head(config_lib.base(), "bmask"), "shapes")
     if a.workdir:
-        from bmask_jax.state import restore_variables
+        from bmask_jax.engine.variables import restore_variables
         variables = restore_variables(c, a.workdir)
     else:
         variables = init_variables(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))

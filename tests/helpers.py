@@ -28,9 +28,9 @@ def fresh_checkpoint(c, path: str) -> str:
     """A workdir at `path` holding a step-0 checkpoint of config c's model (fresh weights)."""
     import jax
 
-    from bmask_jax import checkpoints
+    from bmask_jax.engine import checkpoints
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
-    from bmask_jax.state import create_train_state
+    from bmask_jax.engine.state import create_train_state
     state, _ = create_train_state(c, BMaskRCNN(c.model), jax.random.PRNGKey(0))
     mgr = checkpoints.manager(path, 1, async_save=False)
     checkpoints.save(mgr, 0, state, force=True)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmask_jax import losses
+from bmask_jax.models import losses
 from bmask_jax.ops.boundaries import boundary_targets
 
 from helpers import reference as _reference

@@ -6,7 +6,7 @@ import pytest
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.box_head import relabel_boxes, scale_gradient
-from bmask_jax.state import create_train_state
+from bmask_jax.engine.state import create_train_state
 from bmask_jax.train import train_step
 from helpers import first_batch, tiny_config
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from bmask_jax.coco_eval import coco_evaluate
+from bmask_jax.evaluation.coco_eval import coco_evaluate
 from bmask_jax.data.cityscapes import CLASS_NAMES, CityscapesInstances
 from bmask_jax.data.pipeline import build_dataset
 from configs import cityscapes as cityscapes_config

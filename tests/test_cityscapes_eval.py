@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from bmask_jax.cityscapes_eval import CityscapesEvalError, official_instance_ap, write_results, zip_results
+from bmask_jax.evaluation.cityscapes_eval import CityscapesEvalError, official_instance_ap, write_results, zip_results
 
 H, W = 64, 128
 ROAD, VOID = 7, 0

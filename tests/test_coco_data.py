@@ -175,9 +175,9 @@ def test_evaluate_counts_annotation_id_zero(tmp_path, monkeypatch):
     # ids were renumbered, the instance with id 0 counted as a miss and its detection as a
     # false positive.
     import jax
-    from bmask_jax import evaluate as evaluate_lib
+    from bmask_jax.evaluation import evaluate as evaluate_lib
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
-    from bmask_jax.state import init_variables
+    from bmask_jax.engine.variables import init_variables
 
     val_json = SyntheticShapes("val", num_images=3, image_size=(64, 64), max_instances=3).export_coco(
         str(tmp_path / "val"))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bmask_jax.coco_eval import coco_evaluate, plot_ap_vs_iou
+from bmask_jax.evaluation.coco_eval import coco_evaluate, plot_ap_vs_iou
 from bmask_jax.ops.masks import masks_to_rle
 
 IOU_KEYS = [f"{t:.2f}" for t in np.linspace(0.5, 0.95, 10)]

@@ -1,7 +1,7 @@
 """Every config and paper-table row builds, and rows differ from each other as the tables say."""
 import pytest
 
-from bmask_jax.summary import mask_head_macs_per_roi
+from bmask_jax.engine.summary import mask_head_macs_per_roi
 from configs import bmask_rcnn, cityscapes, mask_rcnn, paper
 
 

@@ -29,14 +29,14 @@ def worker(out_path: str, workdir: str) -> None:
     import jax
     from helpers import tiny_config
 
-    from bmask_jax import sharding
+    from bmask_jax.engine import sharding
     from bmask_jax.data.pipeline import TrainBatches, build_dataset
     from bmask_jax.data.synthetic import SyntheticShapes
-    from bmask_jax.evaluate import evaluate
+    from bmask_jax.evaluation.evaluate import evaluate
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
-    from bmask_jax.predict import predict
-    from bmask_jax.predictor import Predictor
-    from bmask_jax.state import create_train_state
+    from bmask_jax.inference.predict import predict
+    from bmask_jax.inference.predictor import Predictor
+    from bmask_jax.engine.state import create_train_state
     from bmask_jax.train import MODEL_KEYS, jit_train_step
 
     assert jax.device_count() == 4

@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from bmask_jax.data.synthetic import SyntheticShapes
-from bmask_jax.demo import DemoServer
+from bmask_jax.inference.demo import DemoServer
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.predictor import Predictor
-from bmask_jax.state import create_train_state
+from bmask_jax.inference.predictor import Predictor
+from bmask_jax.engine.state import create_train_state
 from helpers import tiny_config
 
 pytestmark = pytest.mark.slow      # compiles a detector for tens of seconds

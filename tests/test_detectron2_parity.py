@@ -41,9 +41,9 @@ from bmask_jax import config as config_lib  # noqa: E402
 from bmask_jax import weights  # noqa: E402
 from bmask_jax.data.synthetic import SyntheticShapes  # noqa: E402
 from bmask_jax.data.transforms import prepare_example  # noqa: E402
-from bmask_jax.evaluate import make_detector  # noqa: E402
-from bmask_jax.postprocess import postprocess  # noqa: E402
-from bmask_jax.state import restore_variables  # noqa: E402
+from bmask_jax.evaluation.evaluate import make_detector  # noqa: E402
+from bmask_jax.ops.postprocess import postprocess  # noqa: E402
+from bmask_jax.engine.variables import restore_variables  # noqa: E402
 
 NUM_CLASSES = 5
 SHORT, MAX_SIZE = 320, 512

@@ -1,6 +1,6 @@
 """Docs that cannot rot: in README.md, CONTRIBUTING.md and docs/*.md, every relative link and #anchor resolves,
-every `configs/<file>.py:<variant>` builds, every `python -m bmask_jax.X` exists and answers
---help, and every `--config.KEY=` names a real key."""
+every `configs/<file>.py:<variant>` builds, every `python -m bmask_jax.X` and `bmask-jax COMMAND`
+exists and answers --help, and every `--config.KEY=` names a real key."""
 import os
 import re
 import subprocess
@@ -77,6 +77,18 @@ def test_named_commands_answer_help(module):
     # absl's --help prints the usage and exits 1; the others exit 0.
     assert done.returncode in (0, 1) and "Traceback" not in out, out[-2000:]
     assert f"python -m {module}" in out or "flags:" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("command", sorted(found(r"`?bmask-jax ([a-z][\w-]*)")))
+def test_named_bmask_jax_commands_answer_help(command):
+    """`bmask-jax COMMAND` as `python -m bmask_jax COMMAND` (the same entry point; the script
+    itself is on PATH only after pip install)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    done = subprocess.run([sys.executable, "-m", "bmask_jax", command, "--help"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode in (0, 1) and "Traceback" not in out, out[-2000:]
+    assert f"bmask-jax {command}" in out or "flags:" in out, out[-2000:]
 
 
 def test_config_flags_in_the_docs_are_real_keys():

@@ -7,7 +7,7 @@ import pytest
 
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN, foreground_slot_sizes
-from bmask_jax.state import init_variables
+from bmask_jax.engine.variables import init_variables
 from bmask_jax.train import MODEL_KEYS
 from helpers import tiny_config
 

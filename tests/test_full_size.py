@@ -9,7 +9,8 @@ import pytest
 
 from configs import bmask_rcnn
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.state import dummy_batch, random_variables, step_zero_state
+from bmask_jax.engine.state import step_zero_state
+from bmask_jax.engine.variables import dummy_batch, random_variables
 from bmask_jax.train import train_step
 
 pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not

@@ -8,8 +8,8 @@ from helpers import first_batch, tiny_config
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.hrnet import HRNet, MultiResolutionFusion
-from bmask_jax.optim import parameter_labels
-from bmask_jax.state import create_train_state
+from bmask_jax.engine.optim import parameter_labels
+from bmask_jax.engine.state import create_train_state
 from bmask_jax.train import train_step
 
 TINY = {"stem_channels": 8, "stage1_channels": 4, "stage1_blocks": 1, "widths": (4, 8, 12, 16),
@@ -91,7 +91,7 @@ def test_hrnetv2_w32_parameter_count_equals_hand_count():
 
 
 def test_hrnet_w32_variant_builds_the_w32_backbone():
-    from bmask_jax.summary import parameter_counts
+    from bmask_jax.engine.summary import parameter_counts
     from configs import bmask_rcnn
     c = bmask_rcnn.get_config("hrnet_w32_fpn_1x")
     assert c.model.backbone.name == "hrnet" and c.model.input_format == "RGB"

@@ -8,7 +8,7 @@ import pytest
 
 from bmask_jax import config as config_lib
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.state import INIT_CANVAS, dummy_batch
+from bmask_jax.engine.variables import INIT_CANVAS, dummy_batch
 from helpers import tiny_config
 
 

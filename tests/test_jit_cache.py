@@ -1,14 +1,14 @@
-"""Jitted programs kept per process (bmask_jax/jit_cache.py): the same settings give the same
+"""Jitted programs kept per process (bmask_jax/engine/jit_cache.py): the same settings give the same
 jitted function, other settings another, and a config changed after the fact changes nothing
 that was kept. Nothing here compiles a model."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmask_jax import jit_cache
-from bmask_jax.evaluate import make_detector
+from bmask_jax.engine import jit_cache
+from bmask_jax.evaluation.evaluate import make_detector
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.optim import make_optimizer
+from bmask_jax.engine.optim import make_optimizer
 from bmask_jax.train import jit_train_step
 from helpers import tiny_config
 

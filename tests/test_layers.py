@@ -127,7 +127,7 @@ def test_model_losses_and_gradients_equal_on_both_kernels(monkeypatch):
     from helpers import first_batch, tiny_config
 
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
-    from bmask_jax.state import create_train_state
+    from bmask_jax.engine.state import create_train_state
     monkeypatch.setattr(cpu_kernels, "TAPS_MIN_CHANNELS", 1)
     monkeypatch.setattr(cpu_kernels, "TAPS_MIN_ROWS", 1)
     c = tiny_config()
@@ -168,7 +168,7 @@ def test_unknown_compute_dtype_names_the_key():
     from helpers import tiny_config
 
     from bmask_jax.models.bmask_rcnn import BMaskRCNN
-    from bmask_jax.state import init_variables
+    from bmask_jax.engine.variables import init_variables
     c = tiny_config()
     c.model.compute_dtype = "float16"
     with pytest.raises(ValueError, match="model.compute_dtype"):

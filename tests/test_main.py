@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from bmask_jax.data.synthetic import SyntheticShapes
-from bmask_jax.evaluate import evaluate
-from bmask_jax.predict import predict
-from bmask_jax.state import restore_variables
+from bmask_jax.evaluation.evaluate import evaluate
+from bmask_jax.inference.predict import predict
+from bmask_jax.engine.variables import restore_variables
 from bmask_jax.train import train_and_evaluate
 from helpers import tiny_config
 

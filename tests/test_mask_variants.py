@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from helpers import first_batch, tiny_config
 
-from bmask_jax import losses
-from bmask_jax import state as state_lib
+from bmask_jax.models import losses
+from bmask_jax.engine import state as state_lib
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.layers import Conv
 from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, SobelMaskHead, mask_iou_targets,

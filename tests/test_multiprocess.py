@@ -16,9 +16,10 @@ from helpers import tiny_config
 from test_data_parallel import assert_same_detections
 
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
-from bmask_jax.evaluate import evaluate
+from bmask_jax.evaluation.evaluate import evaluate
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.state import create_train_state, restore_variables
+from bmask_jax.engine.state import create_train_state
+from bmask_jax.engine.variables import restore_variables
 
 pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not
 

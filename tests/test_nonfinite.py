@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from bmask_jax.state import restore_variables
+from bmask_jax.engine.variables import restore_variables
 from bmask_jax.train import NonFiniteLossError, train_and_evaluate
 from helpers import tiny_config
 

@@ -14,10 +14,10 @@ import pytest
 from helpers import tiny_config
 from PIL import Image
 
-from bmask_jax import checkpoints
+from bmask_jax.engine import checkpoints
 from bmask_jax.data.images import load_rgb
-from bmask_jax.predict import picture_names
-from bmask_jax.state import restore_variables
+from bmask_jax.inference.predict import picture_names
+from bmask_jax.engine.variables import restore_variables
 from bmask_jax.train import ClassCountError, NonFiniteLossError, cut_logs_to, json_safe, train_and_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -237,8 +237,8 @@ def test_predict_lists_bombs_and_keeps_every_picture(trained, tmp_path):
 @pytest.mark.slow
 def test_predictor_and_exported_model_name_the_bad_image_of_a_list(trained, tmp_path):
     from bmask_jax import Predictor
-    from bmask_jax.export import export_model
-    from bmask_jax.serving import ExportedModel
+    from bmask_jax.inference.export import export_model
+    from bmask_jax.inference.serving import ExportedModel
     good = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
     empty = np.zeros((0, 0, 3), np.uint8)
     export_model(small_config(), str(tmp_path / "exported"), workdir=trained)

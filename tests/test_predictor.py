@@ -14,13 +14,13 @@ import pytest
 from PIL import Image
 
 import bmask_jax
-from bmask_jax import jit_cache
+from bmask_jax.engine import jit_cache
 from bmask_jax.data.synthetic import CLASS_NAMES, SyntheticShapes
 from bmask_jax.data.transforms import prepare_example
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.postprocess import postprocess
-from bmask_jax.predict import FAILURES_FILE, predict
-from bmask_jax.predictor import Predictor
+from bmask_jax.ops.postprocess import postprocess
+from bmask_jax.inference.predict import FAILURES_FILE, predict
+from bmask_jax.inference.predictor import Predictor
 from bmask_jax.train import compile_count
 from helpers import fresh_checkpoint, tiny_config
 
@@ -117,6 +117,34 @@ def test_predictor_inputs(workdir, tmp_path):
         predictor(str(tmp_path / "missing.png"))
     with pytest.raises(ValueError, match="give a workdir, variables, or a config with model.weights"):
         Predictor(c)
+
+
+def test_the_predictor_restores_variables_without_building_a_train_state(workdir, monkeypatch):
+    """Inference reads params and frozen alone from the checkpoint (Orbax's partial restore):
+    with the optimizer and the train state made to fail, the Predictor still gets the saved
+    variables, bit for bit the ones a resumed training run reads."""
+    from bmask_jax.engine import checkpoints, optim
+    from bmask_jax.engine import state as state_lib
+    c = predictor_config()
+    template, _ = state_lib.create_train_state(c, BMaskRCNN(c.model), jax.random.PRNGKey(1))
+    mgr = checkpoints.manager(workdir, 1, async_save=False)
+    saved = checkpoints.restore_latest(mgr, template)
+    mgr.close()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inference built an optimizer or a train state")
+    for module, name in ((optim, "make_optimizer"), (state_lib, "make_optimizer"), (state_lib, "step_zero_state")):
+        monkeypatch.setattr(module, name, refuse)
+    variables = Predictor(c, workdir).variables
+    for key in ("params", "frozen"):
+        got, want = jax.tree_util.tree_flatten_with_path(variables[key]), jax.tree_util.tree_flatten_with_path(
+            getattr(saved, key))
+        assert [p for p, _ in got[0]] == [p for p, _ in want[0]]
+        for (path, a), (_, b) in zip(got[0], want[0]):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    # And not the template's values: the restore read the file.
+    assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(template.params)[0]),
+                              np.asarray(jax.tree_util.tree_leaves(variables["params"])[0]))
 
 
 def test_predictor_applies_the_config_changes_of_a_weight_import(workdir, tmp_path, caplog):

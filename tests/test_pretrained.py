@@ -1,4 +1,4 @@
-"""model.weights, the model zoo and downloads (bmask_jax/pretrained.py, model_zoo.py,
+"""model.weights, the model zoo and downloads (bmask_jax/weights/pretrained.py, model_zoo.py,
 download.py), against an HTTP server on 127.0.0.1 that each test starts: nothing leaves the
 machine. The checkpoints it serves are written here in detectron2's layouts (tests/helpers.py
 builds their key names and shapes from a config's numbers, independently of our tree)."""
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from helpers import D2_PIXELS, d2_shapes, msra_blobs, random_d2_checkpoint, tiny_config
 
-from bmask_jax import download, model_zoo, pretrained
+from bmask_jax.weights import download, model_zoo, pretrained
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.state import init_variables
+from bmask_jax.engine.variables import init_variables
 from bmask_jax.weights import convert
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +168,7 @@ def test_authors_share_links_resolve_to_a_file_saved_by_hand(cache):
 
 
 def test_unknown_weights_name_is_one_clear_error():
-    with pytest.raises(FileNotFoundError, match="model.weights=nope.pkl: no such file.*model_zoo"):
+    with pytest.raises(FileNotFoundError, match="model.weights=nope.pkl: no such file.*bmask-jax zoo"):
         model_zoo.weights_file("nope.pkl")
 
 
@@ -229,7 +229,7 @@ def test_embedded_configs_download_nothing():
 
 def test_zoo_table_command():
     env = dict(os.environ, PYTHONPATH=REPO)
-    done = subprocess.run([sys.executable, "-m", "bmask_jax.model_zoo"], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "bmask_jax.weights.model_zoo"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     for e in model_zoo.ENTRIES.values():
         assert f"| `{e.name}` | `{e.config}` |" in done.stdout
@@ -259,7 +259,7 @@ def fc1_kernel(arrays):
 
 @pytest.mark.slow
 def test_train_starts_from_weights_once_and_resume_ignores_them(server, tmp_path, caplog):
-    from bmask_jax.state import restore_variables
+    from bmask_jax.engine.variables import restore_variables
     from bmask_jax.train import train_and_evaluate
     c = frozen_bn_tiny()
     c.model.weights, arrays = served_checkpoint(server, c)
@@ -287,7 +287,7 @@ def test_train_starts_from_weights_once_and_resume_ignores_them(server, tmp_path
 @pytest.mark.slow
 def test_evaluate_and_predictor_apply_weights_without_training(server, tmp_path):
     from bmask_jax import Predictor
-    from bmask_jax.evaluate import evaluate
+    from bmask_jax.evaluation.evaluate import evaluate
     c = frozen_bn_tiny()
     c.model.weights, arrays = served_checkpoint(server, c)
     workdir = str(tmp_path / "eval")
@@ -360,7 +360,7 @@ def test_main_evaluate_with_weights_url_and_a_contradicting_flag(server, tmp_pat
 
 
 def test_export_applies_weights_without_a_checkpoint(server, tmp_path):
-    from bmask_jax.export import WEIGHTS_FILE, export_model
+    from bmask_jax.inference.export import WEIGHTS_FILE, export_model
     c = frozen_bn_tiny()
     c.model.weights, arrays = served_checkpoint(server, c)
     export_model(c, str(tmp_path / "exported"), workdir=str(tmp_path / "empty"))

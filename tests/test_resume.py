@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from bmask_jax.state import restore_variables
+from bmask_jax.engine.variables import restore_variables
 from configs import bmask_rcnn
 
 pytestmark = pytest.mark.slow      # minutes each: the full suite runs it, the edit loop does not

@@ -1,5 +1,5 @@
 """Export (jax.export, one batch-polymorphic artifact per canvas bucket, weights beside it) and
-bmask_jax.serving (jax and numpy only): the same detections as the Predictor, on the tiny
+bmask_jax.inference.serving (jax and numpy only): the same detections as the Predictor, on the tiny
 embedded model and on an R50-FPN with random weights; serving's numpy resize is Pillow's, bit
 for bit."""
 import json
@@ -15,10 +15,10 @@ from PIL import Image
 from bmask_jax import config as config_lib
 from bmask_jax.data.synthetic import CLASS_NAMES
 from bmask_jax.data.transforms import resize_image, resize_image_numpy
-from bmask_jax.export import SERVING_FILE, export_model, export_saved_model
-from bmask_jax.predictor import Predictor
-from bmask_jax.serving import ExportedModel
-from bmask_jax.state import random_variables
+from bmask_jax.inference.export import SERVING_FILE, export_model, export_saved_model
+from bmask_jax.inference.predictor import Predictor
+from bmask_jax.inference.serving import ExportedModel
+from bmask_jax.engine.variables import random_variables
 from test_predictor import assert_same_instances, images, predictor_config, workdir  # noqa: F401 (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_export_command_and_serving_without_flax(workdir, tmp_path):  # noqa: F8
              "--config.data.canvas_buckets=((32, 64), (64, 32), (64, 64))",
              "--config.model.roi_heads.score_threshold=0.0"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)     # this checkout's code, installed or not
-    run = subprocess.run([sys.executable, "-m", "bmask_jax.export", *flags, "--workdir", workdir, "--output", str(out)],
+    run = subprocess.run([sys.executable, "-m", "bmask_jax.inference.export", *flags, "--workdir", workdir, "--output", str(out)],
                          capture_output=True, text=True, cwd=REPO, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["model_32x64.jax", "model_64x32.jax", "model_64x64.jax", SERVING_FILE,
@@ -62,7 +62,7 @@ def test_export_command_and_serving_without_flax(workdir, tmp_path):  # noqa: F8
     np.savez(tmp_path / "images.npz", *ims)
     script = f"""
 import sys, numpy as np
-from bmask_jax.serving import ExportedModel
+from bmask_jax.inference.serving import ExportedModel
 model = ExportedModel({str(out)!r}, batch_size=3)
 ims = np.load({str(tmp_path / 'images.npz')!r})
 out = model([ims[f'arr_{{i}}'] for i in range({len(ims)})])

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bmask_jax import jit_cache
+from bmask_jax.engine import jit_cache
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.state import create_train_state
+from bmask_jax.engine.state import create_train_state
 from bmask_jax.train import MODEL_KEYS, train_and_evaluate, train_step
 from helpers import tiny_config
 

@@ -1,5 +1,5 @@
 """Architecture parity with detectron2 (SPEC section 11) and the paper's mask-head cost."""
-from bmask_jax.summary import mask_head_macs_per_roi, parameter_counts
+from bmask_jax.engine.summary import mask_head_macs_per_roi, parameter_counts
 from configs import bmask_rcnn, mask_rcnn
 
 # detectron2's Mask R-CNN / BMask R-CNN R50-FPN with 80 classes (SPEC section 11).

@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from bmask_jax.evaluate import evaluate
-from bmask_jax.state import restore_variables
+from bmask_jax.evaluation.evaluate import evaluate
+from bmask_jax.engine.variables import restore_variables
 from bmask_jax.train import train_and_evaluate
 from helpers import tiny_config
 
@@ -57,7 +57,7 @@ def test_the_writer_does_not_load_torch_and_torch_still_imports(tmp_path):
     # later `import torch` must work. A fresh interpreter: this one may have torch loaded.
     import subprocess
     import sys
-    code = ("import sys\nfrom bmask_jax import events\n"
+    code = ("import sys\nfrom bmask_jax.engine import events\n"
             f"w = events.summary_writer({str(tmp_path)!r}); w.add_scalar('x', 1.0, 0); w.close()\n"
             "assert 'torch' not in sys.modules, 'torch was loaded'\n"
             "import importlib.util\n"

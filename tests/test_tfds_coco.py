@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from bmask_jax.coco_eval import _prepare_gt, coco_evaluate
+from bmask_jax.evaluation.coco_eval import _prepare_gt, coco_evaluate
 from bmask_jax.data.coco import CocoJsonDataset
 from bmask_jax.data.pipeline import TrainBatches, build_dataset
 from bmask_jax.data.tfds_coco import TfdsCocoDataset

@@ -9,8 +9,8 @@ import pytest
 from bmask_jax import config as config_lib
 from helpers import first_batch, tiny_config
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.optim import learning_rate, learning_rate_np, make_optimizer, parameter_labels
-from bmask_jax.state import create_train_state
+from bmask_jax.engine.optim import learning_rate, learning_rate_np, make_optimizer, parameter_labels
+from bmask_jax.engine.state import create_train_state
 from bmask_jax.train import train_and_evaluate, train_step
 
 
@@ -143,7 +143,7 @@ def test_train_loop_writes_metrics_checkpoints_and_resumes(tmp_path):
     train_and_evaluate(c, workdir)
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [2, 4, 6]
-    # ... with the train step the first run compiled (bmask_jax/jit_cache.py).
+    # ... with the train step the first run compiled (bmask_jax/engine/jit_cache.py).
     assert json.load(open(os.path.join(workdir, "train_summary.json")))["train_step_compiles"] == 0
 
 
@@ -181,7 +181,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_not_applied():
     has a finite value and an infinite derivative, in one entry of one leaf."""
     import optax
 
-    from bmask_jax.state import TrainState
+    from bmask_jax.engine.state import TrainState
     from bmask_jax.train import MODEL_KEYS
 
     class SqrtModel:

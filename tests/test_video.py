@@ -10,8 +10,8 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from bmask_jax.data.synthetic import SyntheticShapes
-from bmask_jax.predict import predict
-from bmask_jax.predictor import Predictor
+from bmask_jax.inference.predict import predict
+from bmask_jax.inference.predictor import Predictor
 from helpers import fresh_checkpoint, tiny_config
 
 pytestmark = pytest.mark.slow      # compiles a detector for tens of seconds

@@ -1,7 +1,7 @@
 import numpy as np
 from PIL import Image
 
-from bmask_jax.visualize import draw_instances, save_image
+from bmask_jax.evaluation.visualize import draw_instances, save_image
 
 H, W = 128, 128
 NAMES = ["person", "car", "dog"]

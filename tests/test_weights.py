@@ -21,13 +21,16 @@ import numpy as np
 import pytest
 from helpers import D2_PIXELS, d2_shapes, d2_to_msra, msra_blobs, random_d2_checkpoint, tiny_config  # noqa: F401
 
-from bmask_jax import checkpoints, weights
+from bmask_jax import weights
+
+from bmask_jax.engine import checkpoints
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.box_head import BoxHead, BoxPredictor
 from bmask_jax.models.fpn import FPN
 from bmask_jax.models.layers import Conv, Deconv2x, FrozenBatchNorm
 from bmask_jax.models.resnet import BottleneckBlock, ResNet
-from bmask_jax.state import create_train_state, init_variables, new_train_state
+from bmask_jax.engine.state import create_train_state, new_train_state
+from bmask_jax.engine.variables import init_variables
 
 try:
     import torch

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bmask_jax import losses
+from bmask_jax.models import losses
 from bmask_jax.models.layers import normal, xavier_fill
 from bmask_jax.ops import boxes as box_ops
 from bmask_jax.ops.matching import match

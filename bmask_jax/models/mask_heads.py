@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmask_jax import losses
+from bmask_jax.models import losses
 from bmask_jax.models.layers import Conv, Deconv2x, msra_fill, normal, xavier_fill
 from bmask_jax.ops.boundaries import boundary_targets
 from bmask_jax.ops.roi_align import bilinear_crop

@@ -2,7 +2,7 @@
 Caffe2 blobs, torchvision, HRNet) into our parameter tree, the 'frozen' collection and an Orbax
 checkpoint.
 
-    python -m bmask_jax.weights --config configs/bmask_rcnn.py:r50_fpn_1x \\
+    bmask-jax import-weights --config configs/bmask_rcnn.py:r50_fpn_1x \\
         --source model_final.pth --output runs/imported [--kind auto|detectron2|msra|torchvision|hrnet]
 
 then `python -m bmask_jax.main --config ... --workdir runs/imported --mode evaluate` (or train,
@@ -27,7 +27,7 @@ Layouts (SPEC section 10) and what becomes of them here:
 # MSRA name tables), tensors.py (one layer's arrays, torch layouts -> ours), convert.py (whole
 # checkpoints: checks, hints, the report, the config the weights imply), importer.py (into a
 # train state and an Orbax checkpoint) and __main__.py (the command). The train state itself is
-# bmask_jax.state's.
+# bmask_jax.engine.state's.
 from bmask_jax.weights.convert import ImportReport, convert, detect_kind, implied_config_changes
 from bmask_jax.weights.errors import UnsafeCheckpointError, WeightImportError
 from bmask_jax.weights.importer import apply_config_changes, config_flags_for, import_weights, load_into_state

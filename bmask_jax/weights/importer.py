@@ -62,7 +62,7 @@ def import_weights(config, source: str, output: str, kind: str = "auto",
     output/checkpoints, so that `--workdir output` trains from it or evaluates it (with the
     same config). Writes output/weights_import.json. Returns the report and
     {config key: (old, new)} where the config differed from what the weights imply."""
-    from bmask_jax import checkpoints
+    from bmask_jax.engine import checkpoints
 
     checkpoint = read_checkpoint(source)
     kind = detect_kind(checkpoint, source) if kind == "auto" else kind
@@ -81,21 +81,31 @@ def import_weights(config, source: str, output: str, kind: str = "auto",
     return report, differ
 
 
-def imported_state(config, checkpoint: dict[str, np.ndarray], kind: str, source: str):
-    """A step-0 TrainState of `config` holding the checkpoint's weights, and the ImportReport.
+def imported_variables(config, checkpoint: dict[str, np.ndarray], kind: str, source: str):
+    """({"params", "frozen"} of `config`'s model holding the checkpoint's weights, ImportReport).
     Whole-model imports replace every parameter: the (compiled) initialisation is skipped
     unless some layer has no counterpart in the checkpoint (those keep their initial values)."""
     import jax
     import jax.numpy as jnp
 
-    from bmask_jax.state import new_train_state
-    state = new_train_state(config, init=kind not in WHOLE_MODEL_KINDS)
-    params, frozen, report = convert(checkpoint, _host(state.params), _host(state.frozen), kind, source)
+    from bmask_jax.engine.variables import new_variables
+    variables = new_variables(config, init=kind not in WHOLE_MODEL_KINDS)
+    params, frozen, report = convert(checkpoint, _host(variables["params"]), _host(variables.get("frozen", {})),
+                                     kind, source)
     if report.initialised_fresh and kind in WHOLE_MODEL_KINDS:
-        state = new_train_state(config, init=True)
-        params, frozen, report = convert(checkpoint, _host(state.params), _host(state.frozen), kind, source)
-    return state.replace(params=jax.tree_util.tree_map(jnp.asarray, params),
-                         frozen=jax.tree_util.tree_map(jnp.asarray, frozen)), report
+        variables = new_variables(config, init=True)
+        params, frozen, report = convert(checkpoint, _host(variables["params"]), _host(variables.get("frozen", {})),
+                                         kind, source)
+    return {"params": jax.tree_util.tree_map(jnp.asarray, params),
+            "frozen": jax.tree_util.tree_map(jnp.asarray, frozen)}, report
+
+
+def imported_state(config, checkpoint: dict[str, np.ndarray], kind: str, source: str):
+    """A step-0 TrainState of `config` holding the checkpoint's weights (imported_variables with
+    the optimizer's initial state), and the ImportReport."""
+    from bmask_jax.engine.state import step_zero_state
+    variables, report = imported_variables(config, checkpoint, kind, source)
+    return step_zero_state(config, variables)[0], report
 
 
 def _host(tree):

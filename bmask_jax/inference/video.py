@@ -45,7 +45,7 @@ def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, 
     from tqdm import tqdm
 
     from bmask_jax.ops.masks import masks_to_rle
-    from bmask_jax.visualize import draw_instances
+    from bmask_jax.evaluation.visualize import draw_instances
     stem = os.path.splitext(os.path.basename(path))[0]
     video_out = os.path.join(output_dir, f"{stem}.mp4")
     jsonl_out = os.path.join(output_dir, f"{stem}.jsonl")

@@ -1,6 +1,6 @@
 """Per-module parameter counts and the mask head's cost per RoI.
 
-    python -m bmask_jax.summary --config configs/bmask_rcnn.py:r50_fpn_1x
+    bmask-jax summary --config configs/bmask_rcnn.py:r50_fpn_1x
 
 The mask-head cost is counted as the paper's Table 8 counts it (SPEC section 11):
 multiply-adds per RoI at 14x14 of the 3x3 and 1x1 convs, leaving out the transposed convs
@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.layers import Conv, Deconv2x
-from bmask_jax.state import dummy_batch, init_variables
+from bmask_jax.engine.variables import dummy_batch, init_variables
 
 
 def parameter_counts(config) -> dict[str, int]:

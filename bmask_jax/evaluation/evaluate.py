@@ -8,13 +8,15 @@ import os
 import jax
 import numpy as np
 
-from bmask_jax import cityscapes_eval, events, jit_cache, sharding
-from bmask_jax.coco_eval import IOU_TYPES, coco_evaluate, plot_ap_vs_iou
+from bmask_jax.evaluation import cityscapes_eval
+
+from bmask_jax.engine import events, jit_cache, sharding
+from bmask_jax.evaluation.coco_eval import IOU_TYPES, coco_evaluate, plot_ap_vs_iou
 from bmask_jax.data.pipeline import build_dataset, eval_batches
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.ops.masks import masks_to_rle
-from bmask_jax.postprocess import postprocess
-from bmask_jax.visualize import draw_instances, save_image
+from bmask_jax.ops.postprocess import postprocess
+from bmask_jax.evaluation.visualize import draw_instances, save_image
 
 DETECT_KEYS = ("image", "image_hw")
 
@@ -135,7 +137,7 @@ TENSORBOARD_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def eval_step(workdir: str) -> int:
     """The step of the workdir's newest checkpoint (what --mode evaluate restores), else 0."""
-    from bmask_jax import checkpoints
+    from bmask_jax.engine import checkpoints
     steps = checkpoints.step_folders(checkpoints.directory(workdir))
     return steps[0] if steps else 0
 

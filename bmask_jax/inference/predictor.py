@@ -21,13 +21,13 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from bmask_jax import sharding
+from bmask_jax.engine import sharding
 from bmask_jax.data.images import load_rgb
 from bmask_jax.data.pipeline import eval_plan
 from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge, rgb_array
-from bmask_jax.evaluate import DETECT_KEYS, global_eval_batch, make_detector
-from bmask_jax.postprocess import image_instances
-from bmask_jax.pretrained import inference_variables
+from bmask_jax.evaluation.evaluate import DETECT_KEYS, global_eval_batch, make_detector
+from bmask_jax.ops.postprocess import image_instances
+from bmask_jax.weights.pretrained import inference_variables
 
 
 def as_rgb(image, name: str = "image", max_pixels: int | None = None) -> np.ndarray:
@@ -110,10 +110,10 @@ class Predictor:
     @classmethod
     def from_pretrained(cls, weights: str, config=None, **kwargs) -> Predictor:
         """A Predictor of published or saved weights: a model-zoo name (python -m
-        bmask_jax.model_zoo; its config is the zoo's unless `config` is given), an https:// or
+        bmask_jax.weights.model_zoo; its config is the zoo's unless `config` is given), an https:// or
         detectron2:// URL, or a local file (these need `config`, the model they fit). Files are
         downloaded once into $BMASK_JAX_HOME. kwargs: as Predictor's."""
-        from bmask_jax import model_zoo
+        from bmask_jax.weights import model_zoo
         if config is None:
             if weights not in model_zoo.ENTRIES:
                 raise ValueError(f"Predictor.from_pretrained({weights!r}): not a model-zoo name, so give the config "

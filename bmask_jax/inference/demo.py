@@ -1,7 +1,7 @@
 """A local web page to try a model on your own photos:
 
-    python -m bmask_jax.demo --config configs/bmask_rcnn.py:shapes --workdir runs/shapes_bmask
-    python -m bmask_jax.demo --config configs/mask_rcnn.py:r50_fpn_3x --config.model.weights=mask_rcnn_R_50_FPN_3x
+    bmask-jax demo --config configs/bmask_rcnn.py:shapes --workdir runs/shapes_bmask
+    bmask-jax demo --config configs/mask_rcnn.py:r50_fpn_3x --config.model.weights=mask_rcnn_R_50_FPN_3x
 
 serves http://127.0.0.1:7860: drop or pick a photo and see it annotated, with a score slider,
 switches for masks, boundaries and boxes, and the shown instances as a JSON download.
@@ -57,7 +57,7 @@ def instances_json(image: np.ndarray, inst: dict, category_ids) -> dict:
     """What the page draws: per instance its class, score, box, colour, mask and boundary
     layers (PNG data URLs, the visualize.py colours) and its COCO-style RLE for the download."""
     from bmask_jax.ops.masks import masks_to_rle
-    from bmask_jax.visualize import _boundary_color, _instance_color
+    from bmask_jax.evaluation.visualize import _boundary_color, _instance_color
     out = []
     order = np.argsort(-np.asarray(inst["scores"]), kind="stable")
     rles = masks_to_rle(inst["masks"])
@@ -236,8 +236,8 @@ def main(argv):
     import jax
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("BMASK_JAX_CACHE", os.path.expanduser("~/.cache/bmask_jax/xla")))
-    from bmask_jax.predictor import Predictor
-    from bmask_jax.pretrained import user_errors
+    from bmask_jax.inference.predictor import Predictor
+    from bmask_jax.weights.pretrained import user_errors
     overrides = config_flags.get_override_values(FLAGS["config"])
     try:
         predictor = Predictor(FLAGS.config, FLAGS.workdir, score_threshold=0.0, overrides=overrides)

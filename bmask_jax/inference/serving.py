@@ -1,7 +1,7 @@
-"""Serve a model exported with `python -m bmask_jax.export`, with jax, numpy and flatbuffers
+"""Serve a model exported with `bmask-jax export`, with jax, numpy and flatbuffers
 (jax.export's deserializer) alone: no flax, no model code, no Pillow, no pycocotools.
 
-    from bmask_jax.serving import ExportedModel
+    from bmask_jax.inference.serving import ExportedModel
     model = ExportedModel("exported/shapes_bmask")
     out = model(image)                 # RGB uint8 [H, W, 3], or a list of them
 
@@ -21,9 +21,9 @@ from jax import export
 
 from bmask_jax.data.pipeline import eval_plan
 from bmask_jax.data.transforms import prepare_example, resize_image_numpy, rgb_array
-from bmask_jax.postprocess import image_instances
+from bmask_jax.ops.postprocess import image_instances
 
-SERVING_FILE = "serving.json"      # as bmask_jax.export writes them
+SERVING_FILE = "serving.json"      # as bmask_jax.inference.export writes them
 SUPPORTED_VERSION = 1
 
 
@@ -34,7 +34,7 @@ class ExportedModel:
     def __init__(self, directory: str, batch_size: int = 8):
         path = os.path.join(directory, SERVING_FILE)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found: export a model with python -m bmask_jax.export")
+            raise FileNotFoundError(f"{path} not found: export a model with bmask-jax export")
         with open(path) as f:
             self.meta = json.load(f)
         if self.meta.get("version") != SUPPORTED_VERSION:

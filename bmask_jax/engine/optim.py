@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bmask_jax import jit_cache
+from bmask_jax.engine import jit_cache
 
 
 def learning_rate(train_cfg):

@@ -1,6 +1,6 @@
 """The model zoo: published Mask R-CNN and BMask R-CNN weights, one name away.
 
-    python -m bmask_jax.model_zoo                     # the table
+    bmask-jax zoo                     # the table
     python -m bmask_jax.main --config configs/bmask_rcnn.py:r50_fpn_1x --workdir runs/zoo \\
         --mode evaluate --config.model.weights=bmask_rcnn_R_50_FPN_1x
     Predictor.from_pretrained("mask_rcnn_R_50_FPN_3x")("street.jpg")
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from bmask_jax import download
+from bmask_jax.weights import download
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -128,7 +128,7 @@ def weights_file(spec: str, progress: bool = True) -> str:
     path = os.path.expanduser(spec)
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f"model.weights={spec}: no such file, and not a URL or a model-zoo name "
-                                f"(python -m bmask_jax.model_zoo lists them)")
+                                f"(bmask-jax zoo lists them)")
     return path
 
 

@@ -240,23 +240,31 @@ def _quick_problem(path: str) -> str | None:
     return None
 
 
-def restore_latest(mgr: ocp.CheckpointManager, abstract_state, set_aside_damaged: bool = False):
+def restore_latest(mgr: ocp.CheckpointManager, abstract_state, set_aside_damaged: bool = False,
+                   partial: bool = False):
     """Restore the newest intact checkpoint into the structure/shardings of abstract_state, or
-    return None when the directory holds none. A damaged newer step is reported in one line
-    (and moved aside to <step>.damaged with set_aside_damaged, for a run that will save that
-    step again); if every step is damaged, CheckpointError names them."""
+    return None when the directory holds none. partial: abstract_state is a dict naming some
+    of the saved state's fields (e.g. step, params, frozen), and only those are read. A damaged
+    newer step is reported in one line (and moved aside to <step>.damaged with
+    set_aside_damaged, for a run that will save that step again); if every step is damaged,
+    CheckpointError names them."""
     folder = str(mgr.directory)
     steps = step_folders(folder)
     if not steps:
         return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    if partial:
+        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+    else:
+        args = ocp.args.StandardRestore(abstract)
     damaged = []
     for step in steps:
         path = os.path.join(folder, str(step))
         problem = _quick_problem(path)
         if problem is None:
             try:
-                restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+                restored = mgr.restore(step, args=args)
             except Exception as e:  # noqa: BLE001 - tensorstore, orbax and OS errors alike
                 problem = _first_line(e)
             else:

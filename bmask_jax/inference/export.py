@@ -1,6 +1,6 @@
 """Export a trained (or imported) model for serving.
 
-    python -m bmask_jax.export --config configs/bmask_rcnn.py:shapes --workdir runs/shapes_bmask \\
+    bmask-jax export --config configs/bmask_rcnn.py:shapes --workdir runs/shapes_bmask \\
         --output exported/shapes_bmask [--platforms cpu,cuda] [--format jax|saved_model]
 
 --format jax (default) writes, into --output:
@@ -10,7 +10,7 @@
     weights.npz         the variables, one array per "params/..." / "frozen/..." path;
     serving.json        what serving needs to prepare images and read the detections: canvas
                         buckets, resize sizes, mask threshold, class names and category ids.
-`bmask_jax.serving.ExportedModel(DIR)` runs it with jax, numpy and flatbuffers alone.
+`bmask_jax.inference.serving.ExportedModel(DIR)` runs it with jax, numpy and flatbuffers alone.
 
 --format saved_model writes a TensorFlow SavedModel through jax2tf (TensorFlow must be
 installed; it is not a dependency of bmask_jax): one signature per canvas bucket,
@@ -31,10 +31,10 @@ import numpy as np
 from jax import export
 
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
-from bmask_jax.pretrained import inference_variables, recorded_config
-from bmask_jax.predictor import dataset_labels
+from bmask_jax.weights.pretrained import inference_variables, recorded_config
+from bmask_jax.inference.predictor import dataset_labels
 
-from bmask_jax.serving import SERVING_FILE
+from bmask_jax.inference.serving import SERVING_FILE
 WEIGHTS_FILE = "weights.npz"
 FORMAT_VERSION = 1
 
@@ -195,8 +195,8 @@ def main(argv):
     from ml_collections import config_flags
     f = flags.FLAGS
     overrides = config_flags.get_override_values(f["config"])
-    from bmask_jax.checkpoints import CheckpointError
-    from bmask_jax.pretrained import user_errors
+    from bmask_jax.engine.checkpoints import CheckpointError
+    from bmask_jax.weights.pretrained import user_errors
     try:
         _export(f, overrides)
     except (*user_errors(), CheckpointError, FileNotFoundError) as e:
@@ -210,7 +210,7 @@ def _export(f, overrides):
         return
     meta = export_model(f.config, f.output, f.workdir, platforms=f.platforms, overrides=overrides)
     print(f"wrote {len(meta['models'])} model(s) ({', '.join(meta['models'])}) for {', '.join(meta['platforms'])} "
-          f"and {WEIGHTS_FILE} to {f.output}; load them with bmask_jax.serving.ExportedModel({f.output!r})")
+          f"and {WEIGHTS_FILE} to {f.output}; load them with bmask_jax.inference.serving.ExportedModel({f.output!r})")
 
 
 if __name__ == "__main__":

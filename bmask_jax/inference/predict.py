@@ -10,12 +10,12 @@ import os
 
 import jax
 
-from bmask_jax import sharding
+from bmask_jax.engine import sharding
 from bmask_jax.data.images import load_rgb
-from bmask_jax.evaluate import to_coco_results
-from bmask_jax.predictor import Predictor
-from bmask_jax.video import VIDEO_EXTENSIONS, is_video, predict_video
-from bmask_jax.visualize import draw_instances, save_image
+from bmask_jax.evaluation.evaluate import to_coco_results
+from bmask_jax.inference.predictor import Predictor
+from bmask_jax.inference.video import VIDEO_EXTENSIONS, is_video, predict_video
+from bmask_jax.evaluation.visualize import draw_instances, save_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 FAILURES_FILE = "failed_images.json"

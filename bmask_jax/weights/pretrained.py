@@ -20,7 +20,7 @@ import logging
 import os
 from typing import Any
 
-from bmask_jax import model_zoo
+from bmask_jax.weights import model_zoo
 from bmask_jax.weights.convert import detect_kind, implied_config_changes
 from bmask_jax.weights.importer import apply_config_changes
 from bmask_jax.weights.safe_pickle import read_checkpoint
@@ -35,7 +35,7 @@ class WeightsConflictError(ValueError):
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors of model.weights that are the user's to fix, each one line that names the
     flag, file or URL: commands print them without a traceback."""
-    from bmask_jax.download import DownloadError
+    from bmask_jax.weights.download import DownloadError
     from bmask_jax.weights.errors import WeightImportError
     return (WeightsConflictError, DownloadError, model_zoo.WeightsNotFoundError, WeightImportError)
 
@@ -155,19 +155,20 @@ def write_record(workdir: str, weights: Weights, report) -> None:
 def inference_variables(config, workdir: str | None = None, overrides: dict[str, Any] | None = None):
     """(config, {"params", "frozen"}) for evaluate, predict, the Predictor and export: workdir's
     newest checkpoint with its recorded config, else model.weights (recorded in workdir, if
-    given). Raises FileNotFoundError when there is neither."""
-    from bmask_jax.state import restore_variables
-    from bmask_jax.weights.importer import imported_state
+    given). Raises FileNotFoundError when there is neither. Variables only: no optimizer, no
+    train state."""
+    from bmask_jax.engine.variables import restore_variables
+    from bmask_jax.weights.importer import imported_variables
     config, weights = resolve(config, workdir, overrides)
     if weights is None:
         if checkpoint_step(workdir) is None:
             where = os.path.join(workdir, "checkpoints") if workdir else "no workdir"
             raise FileNotFoundError(f"no checkpoint ({where}) and no model.weights: train first (--mode train), "
                                     "point --workdir at a trained run, or set --config.model.weights "
-                                    "(python -m bmask_jax.model_zoo lists pretrained models)")
+                                    "(bmask-jax zoo lists pretrained models)")
         return config, restore_variables(config, workdir)
-    state, report = imported_state(config, weights.checkpoint, weights.kind, weights.path)
+    variables, report = imported_variables(config, weights.checkpoint, weights.kind, weights.path)
     _log_report(weights, report)
     if workdir:
         write_record(workdir, weights, report)
-    return config, {"params": state.params, "frozen": state.frozen}
+    return config, variables
