@@ -29,7 +29,7 @@ def base() -> ml_collections.ConfigDict:
     m.pixel_std = (1.0, 1.0, 1.0)
 
     m.backbone = ml_collections.ConfigDict(dict(
-        name="resnet",                       # "resnet" | "hrnet" (HRNetV2, paper Table 1)
+        name="resnet",                       # "resnet" | "hrnet" (HRNetV2, paper Table 1) | "vit" (ViTDet)
         depth=50, stem_channels=64, res2_out_channels=256, bottleneck_channels=64,
         stride_in_1x1=True, norm="FrozenBN", freeze_at=2))
     # HRNetV2 (models/hrnet.py), used when backbone.name == "hrnet"; defaults are HRNetV2-W32.
@@ -39,6 +39,15 @@ def base() -> ml_collections.ConfigDict:
         widths=(32, 64, 128, 256),           # branches at strides 4/8/16/32; stage s uses [:s]
         num_modules=(1, 4, 3),               # high-resolution modules in stages 2, 3, 4
         num_blocks=(4, 4, 4)))               # basic blocks per branch in each module, stages 2-4
+    # ViTDet's plain ViT with the simple feature pyramid (models/vit.py), used when
+    # backbone.name == "vit"; defaults are ViT-B as detectron2's mask_rcnn_vitdet_b_100ep.
+    m.backbone.vit = ml_collections.ConfigDict(dict(
+        embed_dim=768, depth=12, num_heads=12, patch_size=16, mlp_ratio=4.0,
+        img_size=1024,                       # the global blocks' relative tables are made for it
+        window_size=14, global_blocks=(2, 5, 8, 11),   # window attention in every other block
+        drop_path_rate=0.1,                  # stochastic depth, rising linearly to this at the top
+        pretrain_img_size=224, pretrain_use_cls_token=True,   # the position table's own grid
+        pyramid_norm="LN"))
     m.fpn = ml_collections.ConfigDict(dict(channels=256))
     m.anchors = ml_collections.ConfigDict(dict(
         sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), strides=(4, 8, 16, 32, 64),
@@ -47,11 +56,13 @@ def base() -> ml_collections.ConfigDict:
         iou_thresholds=(0.3, 0.7), batch_size_per_image=256, positive_fraction=0.5,
         bbox_reg_weights=(1.0, 1.0, 1.0, 1.0), smooth_l1_beta=0.0, loss_weight=1.0,
         pre_nms_topk_train=2000, pre_nms_topk_test=1000, post_nms_topk_train=1000,
-        post_nms_topk_test=1000, nms_threshold=0.7))
+        post_nms_topk_test=1000, nms_threshold=0.7,
+        num_convs=1))                        # shared 3x3 convs of the head (ViTDet: 2)
     m.roi_heads = ml_collections.ConfigDict(dict(
         iou_threshold=0.5, batch_size_per_image=512, positive_fraction=0.25,
         pooler_resolution=7, sampling_ratio=2, max_adaptive_samples=4,   # 0: uncapped, inference only
         num_fc=2, fc_dim=1024, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), smooth_l1_beta=0.0,
+        conv_dims=(), conv_norm="",          # 3x3 convs before the FCs (ViTDet's 4conv1fc: 4 x 256, "LN")
         train_on_pred_boxes=False, score_threshold=0.05, nms_threshold=0.5,
         detections_per_image=100, topk_candidates=1000,
         num_mask_rois=128, class_agnostic_bbox_reg=False,
@@ -65,6 +76,7 @@ def base() -> ml_collections.ConfigDict:
     m.mask_head = ml_collections.ConfigDict(dict(
         name="maskrcnn",                     # "maskrcnn" | "bmask" | "sobel" (Fig. 7b): see mask_head()
         pooler_resolution=14, conv_dim=256, num_conv=4, loss_weight=1.0,
+        conv_norm="",                        # "LN": ViTDet's head (every conv of the BMask head too)
         sobel_hidden_dim=16))                # 'sobel': width of the conv between the two 3x3s
     m.boundary = ml_collections.ConfigDict(dict(
         in_features=("p2",), resolution=28, num_conv=2, mask_to_boundary=True,
@@ -109,6 +121,8 @@ def base() -> ml_collections.ConfigDict:
     t.adam_betas = (0.9, 0.999)              # adamw
     t.weight_decay = 1e-4
     t.weight_decay_norm = 0.0
+    t.no_decay_params = ()                   # parameter names with no weight decay (ViTDet: pos_embed)
+    t.layer_decay = 1.0                      # ViT layer-wise lr decay (ViTDet B/L/H: 0.7/0.8/0.9); 1: off
     t.warmup_iters = 1000
     t.warmup_factor = 0.001
     t.lr_steps = (60000, 80000)
@@ -267,6 +281,66 @@ def cityscapes(head: str = "bmask", schedule: str = "code") -> ml_collections.Co
     return c
 
 
+VIT_SIZES = {
+    # embed_dim, depth, num_heads, drop_path_rate, global blocks, layer-wise lr decay (detectron2's
+    # projects/ViTDet/configs/COCO/mask_rcnn_vitdet_{b,l,h}_*.py)
+    "b": (768, 12, 12, 0.1, (2, 5, 8, 11), 0.7),
+    "l": (1024, 24, 16, 0.4, (5, 11, 17, 23), 0.8),
+    "h": (1280, 32, 16, 0.5, (7, 15, 23, 31), 0.9),
+}
+
+
+def vitdet(c: ml_collections.ConfigDict, size: str = "b") -> ml_collections.ConfigDict:
+    """ViTDet's Mask R-CNN on COCO (detectron2's projects/ViTDet, 100 epochs; ViT-H 75): a plain
+    ViT on one 1024x1024 canvas (test images resized to a longer side of 1024), the simple
+    feature pyramid, a 2-conv RPN head, the 4conv1fc box head and LayerNorm in the heads; RGB
+    with ImageNet mean/std. Training: AdamW at lr 1e-4 for batch 64, weight decay 0.1 (none on
+    norms), warmup 250 iterations from 0.001."""
+    coco(c)
+    dim, depth, heads, drop_path, global_blocks, layer_decay = VIT_SIZES[size]
+    c.model.weights = ""
+    c.model.update(input_format="RGB", pixel_mean=(123.675, 116.280, 103.530), pixel_std=(58.395, 57.120, 57.375))
+    c.model.backbone.update(name="vit", norm="", freeze_at=0)
+    c.model.backbone.vit.update(embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path,
+                                global_blocks=global_blocks)
+    c.model.rpn.num_convs = 2
+    c.model.roi_heads.update(conv_dims=(256, 256, 256, 256), conv_norm="LN", num_fc=1, fc_dim=1024)
+    c.model.mask_head.conv_norm = "LN"
+    c.data.update(canvas_buckets=((1024, 1024),), test_short_side=1024, max_size=1024)
+    c.train.update(optimizer="adamw", batch_size=64, base_lr=1e-4, adam_betas=(0.9, 0.999), weight_decay=0.1,
+                   weight_decay_norm=0.0, no_decay_params=("pos_embed",), layer_decay=layer_decay,
+                   warmup_iters=250, warmup_factor=0.001, max_iter=184375, lr_steps=(163889, 177546))
+    if size == "h":                          # 75 epochs; norms and pos_embed decay like the rest
+        c.train.update(max_iter=184375 * 3 // 4, lr_steps=(163889 * 3 // 4, 177546 * 3 // 4),
+                       no_decay_params=(), weight_decay_norm=0.1)
+    return c
+
+
+def small_vitdet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """ViTDet's layout at the embedded scale (after shapes or tiny): a 4-block ViT of width
+    `fpn.channels` with patch 16, window attention (window 4) in blocks 0 and 2 and global
+    attention in 1 and 3, relative tables made for the canvas, the position table resized
+    from a 224 grid, the simple feature pyramid, the 2-conv RPN head, a 4conv1fc box head and
+    LayerNorm in the heads."""
+    width = c.model.fpn.channels
+    canvas = c.data.canvas_buckets[0][0]
+    c.model.backbone.update(name="vit", norm="", freeze_at=0)
+    c.model.backbone.vit.update(embed_dim=width, depth=4, num_heads=4, window_size=4, global_blocks=(1, 3),
+                                img_size=canvas, drop_path_rate=0.1)
+    c.model.rpn.num_convs = 2
+    c.model.roi_heads.update(conv_dims=(width,) * 4, conv_norm="LN", num_fc=1)
+    c.model.mask_head.conv_norm = "LN"
+    return c
+
+
+def vitdet_cascade(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """ViTDet's Cascade Mask R-CNN: the cascade's three stages with ViTDet's 4conv1fc heads,
+    and the RPN's 1000 training proposals kept (detectron2's cascade_mask_rcnn_vitdet_*)."""
+    cascade(c)
+    c.model.rpn.post_nms_topk_train = 1000
+    return c
+
+
 def cascade(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Cascade (B)Mask R-CNN as the authors' model zoo: three class-agnostic box stages at IoU
     0.5/0.6/0.7 and 2000 training proposals."""
@@ -286,6 +360,10 @@ VARIANTS = {
     "cascade_r50_fpn_1x": lambda c: cascade(coco(c, 50)),
     "cascade_r101_fpn_1x": lambda c: cascade(coco(c, 101)),
     "cascade_r50_fpn_3x": lambda c: schedule_3x(cascade(coco(c, 50))),
+    **{f"vitdet_{size}": (lambda c, size=size: vitdet(c, size)) for size in VIT_SIZES},
+    **{f"cascade_vitdet_{size}": (lambda c, size=size: vitdet_cascade(vitdet(c, size))) for size in VIT_SIZES},
+    "shapes_vitdet": lambda c: small_vitdet(shapes(c)),
+    "tiny_vitdet": lambda c: small_vitdet(tiny(c)),
 }
 
 

@@ -129,10 +129,101 @@ def d2_shapes(config) -> dict[str, tuple]:
     return shapes
 
 
+def d2_vitdet_shapes(config) -> dict[str, tuple]:
+    """{detectron2 key: torch shape} of a ViTDet Mask R-CNN (or BMask R-CNN head) for a config,
+    written from detectron2's modeling/backbone/vit.py (ViT, SimpleFeaturePyramid), StandardRPNHead
+    with conv_dims [-1, -1], FastRCNNConvFCHead with conv_norm "LN" and the mask head with LN
+    convs: detectron2's Conv2d(norm=...) has no bias and keeps the norm under `.norm`."""
+    m, v = config.model, config.model.backbone.vit
+    shapes = {}
+    d, p, c = v.embed_dim, v.patch_size, m.fpn.channels
+
+    def linear(name, out_f, in_f):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out_f, in_f), (out_f,)
+
+    def ln(name, ch):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (ch,), (ch,)
+
+    def conv(name, cout, cin, k, norm=""):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        if norm:
+            ln(f"{name}.norm", cout)
+        else:
+            shapes[f"{name}.bias"] = (cout,)
+
+    def deconv(name, cin, cout):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cin, cout, 2, 2), (cout,)
+
+    net = "backbone.net"
+    shapes[f"{net}.patch_embed.proj.weight"], shapes[f"{net}.patch_embed.proj.bias"] = (d, 3, p, p), (d,)
+    shapes[f"{net}.pos_embed"] = (1, (v.pretrain_img_size // p) ** 2 + int(v.pretrain_use_cls_token), d)
+    for i in range(v.depth):
+        b = f"{net}.blocks.{i}"
+        size = v.img_size // p if i in tuple(v.global_blocks) else v.window_size
+        ln(f"{b}.norm1", d)
+        linear(f"{b}.attn.qkv", 3 * d, d)
+        linear(f"{b}.attn.proj", d, d)
+        shapes[f"{b}.attn.rel_pos_h"] = shapes[f"{b}.attn.rel_pos_w"] = (2 * size - 1, d // v.num_heads)
+        ln(f"{b}.norm2", d)
+        linear(f"{b}.mlp.fc1", int(d * v.mlp_ratio), d)
+        linear(f"{b}.mlp.fc2", d, int(d * v.mlp_ratio))
+    deconv("backbone.simfp_2.0", d, d // 2)
+    ln("backbone.simfp_2.1", d // 2)
+    deconv("backbone.simfp_2.3", d // 2, d // 4)
+    conv("backbone.simfp_2.4", c, d // 4, 1, "LN")
+    conv("backbone.simfp_2.5", c, c, 3, "LN")
+    deconv("backbone.simfp_3.0", d, d // 2)
+    conv("backbone.simfp_3.1", c, d // 2, 1, "LN")
+    conv("backbone.simfp_3.2", c, c, 3, "LN")
+    conv("backbone.simfp_4.0", c, d, 1, "LN")
+    conv("backbone.simfp_4.1", c, c, 3, "LN")
+    conv("backbone.simfp_5.1", c, d, 1, "LN")          # simfp_5.0 is the max-pool
+    conv("backbone.simfp_5.2", c, c, 3, "LN")
+    a = len(m.anchors.aspect_ratios)
+    for k in range(m.rpn.num_convs):
+        conv(f"proposal_generator.rpn_head.conv.conv{k}", c, c, 3)
+    conv("proposal_generator.rpn_head.objectness_logits", a, c, 1)
+    conv("proposal_generator.rpn_head.anchor_deltas", 4 * a, c, 1)
+    r, fc, k = m.roi_heads.pooler_resolution, m.roi_heads.fc_dim, m.num_classes
+    cascade = m.roi_heads.cascade.enabled
+    stages = [f".{s}" for s in range(len(m.roi_heads.cascade.iou_thresholds))] if cascade else [""]
+    deltas = 4 if cascade or m.roi_heads.class_agnostic_bbox_reg else 4 * k
+    for st in stages:
+        cin = c
+        for i, dim in enumerate(m.roi_heads.conv_dims):
+            conv(f"roi_heads.box_head{st}.conv{i + 1}", dim, cin, 3, m.roi_heads.conv_norm)
+            cin = dim
+        cin = cin * r * r
+        for i in range(m.roi_heads.num_fc):
+            linear(f"roi_heads.box_head{st}.fc{i + 1}", fc, cin)
+            cin = fc
+        linear(f"roi_heads.box_predictor{st}.cls_score", k + 1, fc)
+        linear(f"roi_heads.box_predictor{st}.bbox_pred", deltas, fc)
+    dm, mh, norm = m.mask_head.conv_dim, "roi_heads.mask_head", m.mask_head.conv_norm
+    for i in range(m.mask_head.num_conv):
+        conv(f"{mh}.mask_fcn{i + 1}", dm, c if i == 0 else dm, 3, norm)
+    if m.mask_head.name == "bmask":
+        conv(f"{mh}.downsample", dm, c, 3, norm)
+        conv(f"{mh}.mask_to_boundary", dm, dm, 1, norm)
+        for i in range(m.boundary.num_conv):
+            conv(f"{mh}.boundary_fcn{i + 1}", dm, dm, 3, norm)
+        conv(f"{mh}.boundary_to_mask", dm, dm, 1, norm)
+        conv(f"{mh}.mask_final_fusion", dm, dm, 3, norm)
+        for name in ("mask_deconv", "boundary_deconv"):
+            deconv(f"{mh}.{name}", dm, dm)
+        for name in ("mask_predictor", "boundary_predictor"):
+            conv(f"{mh}.{name}", k, dm, 1)
+    else:
+        deconv(f"{mh}.deconv", dm, dm)
+        conv(f"{mh}.predictor", k, dm, 1)
+    return shapes
+
+
 def random_d2_checkpoint(config, seed=0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
-    for key, shape in d2_shapes(config).items():
+    layout = d2_vitdet_shapes(config) if config.model.backbone.name == "vit" else d2_shapes(config)
+    for key, shape in layout.items():
         if key.endswith("running_var"):
             out[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
         elif key.endswith("norm.weight"):

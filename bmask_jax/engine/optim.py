@@ -36,21 +36,54 @@ def learning_rate_np(train_cfg, step: int) -> float:
     return t.base_lr * warmup * t.lr_gamma ** bisect.bisect_right(sorted(t.lr_steps), step)
 
 
-def parameter_labels(params, model_cfg):
+def parameter_labels(params, model_cfg, no_decay: tuple[str, ...] = ()):
     """'frozen' for the stem/res2 parameters that freeze_at freezes, 'norm' for normalisation
-    parameters (weight_decay_norm), 'default' for the rest."""
+    parameters (weight_decay_norm): a module named for a norm, or one holding a `scale` (a
+    LayerNorm such as ViTDet's simfp_2.1), 'no_decay' for parameters named in no_decay (ViTDet's
+    pos_embed), 'default' for the rest."""
     freeze_at = model_cfg.backbone.freeze_at
     frozen_prefixes = (["stem_"] if freeze_at >= 1 else []) + (["res2_"] if freeze_at >= 2 else [])
+    paths = [tuple(getattr(p, "key", str(p)) for p in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    with_scale = {path[:-1] for path in paths if path[-1] == "scale"}
 
     def label(path, _):
-        names = [getattr(p, "key", str(p)) for p in path]
+        names = tuple(getattr(p, "key", str(p)) for p in path)
         if names[0] == "backbone" and any(names[1].startswith(f) for f in frozen_prefixes):
             return "frozen"
-        if any("norm" in n.lower() for n in names):
+        if names[-1] in no_decay:
+            return "no_decay"
+        if any("norm" in n.lower() for n in names) or names[:-1] in with_scale:
             return "norm"
         return "default"
 
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+def vit_lr_decay_factors(params, model_cfg, decay: float):
+    """detectron2's get_vit_lr_decay_rate per parameter: decay ** (depth + 1 - layer), layer 0
+    for the patch and position embeddings, i + 1 for block i, depth + 1 (factor 1) for the
+    rest (the feature pyramid and the heads)."""
+    depth = model_cfg.backbone.vit.depth
+
+    def factor(path, _):
+        names = [getattr(p, "key", str(p)) for p in path]
+        layer = depth + 1
+        if names[0] == "backbone" and names[1] in ("pos_embed", "patch_embed"):
+            layer = 0
+        elif names[0] == "backbone" and names[1].startswith("blocks_"):
+            layer = int(names[1].split("_")[1]) + 1
+        return float(decay ** (depth + 1 - layer))
+
+    return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def scale_by_factors(factors) -> optax.GradientTransformation:
+    """Each update times its parameter's factor: a per-parameter learning rate (and, after
+    AdamW, decoupled weight decay scaled the same way, as torch's per-group lr does)."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u, f: u * jnp.asarray(f, u.dtype), updates, factors), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -89,6 +122,15 @@ def _make_optimizer(config, params) -> optax.GradientTransformation:
         group = lambda wd: optax.adamw(learning_rate(t), b1=b1, b2=b2, eps=1e-8, weight_decay=wd)  # noqa: E731
     else:
         raise ValueError(f"train.optimizer={t.optimizer!r}: choose one of {OPTIMIZERS}")
-    return optax.multi_transform(
-        {"default": group(t.weight_decay), "norm": group(t.weight_decay_norm), "frozen": optax.set_to_zero()},
-        parameter_labels(params, config.model))
+    no_decay = tuple(t.get("no_decay_params", ()))
+    groups = {"default": group(t.weight_decay), "norm": group(t.weight_decay_norm), "frozen": optax.set_to_zero()}
+    if no_decay:
+        groups["no_decay"] = group(0.0)
+    tx = optax.multi_transform(groups, parameter_labels(params, config.model, no_decay))
+    decay = t.get("layer_decay", 1.0)
+    if decay != 1.0:
+        if config.model.backbone.name != "vit":
+            raise ValueError(f"train.layer_decay={decay}: layer-wise lr decay is for ViT backbones "
+                             f"(model.backbone.name is {config.model.backbone.name!r})")
+        tx = optax.chain(tx, scale_by_factors(vit_lr_decay_factors(params, config.model, decay)))
+    return tx

@@ -24,6 +24,7 @@ from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, Ma
                                          mask_losses, mask_targets, select_class)
 from bmask_jax.models.resnet import ResNet
 from bmask_jax.models.rpn import RPNHead, find_top_proposals, rpn_losses
+from bmask_jax.models.vit import ViT, SimpleFeaturePyramid
 from bmask_jax.ops import anchors as anchor_ops
 from bmask_jax.ops import boxes as box_ops
 from bmask_jax.ops.roi_align import assign_levels, roi_align
@@ -69,25 +70,32 @@ class BMaskRCNN(nn.Module):
             h = b.hrnet
             self.backbone = HRNet(h.stem_channels, h.stage1_channels, h.stage1_blocks, tuple(h.widths),
                                   tuple(h.num_modules), tuple(h.num_blocks), b.norm, b.freeze_at, dtype)
+        elif b.name == "vit":
+            v = b.vit
+            self.backbone = ViT(v.embed_dim, v.depth, v.num_heads, v.patch_size, v.img_size, v.window_size,
+                                tuple(v.global_blocks), v.mlp_ratio, v.drop_path_rate, v.pretrain_img_size,
+                                v.pretrain_use_cls_token, dtype)
         else:
-            raise ValueError(f"model.backbone.name must be 'resnet' or 'hrnet', got {b.name!r}")
-        self.fpn = FPN(cfg.fpn.channels, dtype)
-        self.rpn_head = RPNHead(len(cfg.anchors.aspect_ratios), dtype)
+            raise ValueError(f"model.backbone.name must be 'resnet', 'hrnet' or 'vit', got {b.name!r}")
+        # ViTDet's simple feature pyramid on the ViT's last map; the FPN on the others' stages.
+        self.fpn = (SimpleFeaturePyramid(cfg.fpn.channels, norm=b.vit.pyramid_norm, dtype=dtype)
+                    if b.name == "vit" else FPN(cfg.fpn.channels, dtype))
+        self.rpn_head = RPNHead(len(cfg.anchors.aspect_ratios), cfg.rpn.num_convs, dtype)
         r = cfg.roi_heads
         if r.cascade.enabled:
             n = len(r.cascade.iou_thresholds)
-            self.box_heads = [BoxHead(r.num_fc, r.fc_dim, dtype) for _ in range(n)]
+            self.box_heads = [BoxHead(r.num_fc, r.fc_dim, tuple(r.conv_dims), r.conv_norm, dtype) for _ in range(n)]
             self.box_predictors = [BoxPredictor(cfg.num_classes, True, dtype) for _ in range(n)]
         else:
-            self.box_head = BoxHead(r.num_fc, r.fc_dim, dtype)
+            self.box_head = BoxHead(r.num_fc, r.fc_dim, tuple(r.conv_dims), r.conv_norm, dtype)
             self.box_predictor = BoxPredictor(cfg.num_classes, r.class_agnostic_bbox_reg, dtype)
         m = cfg.mask_head
         if m.name == "bmask":
             self.mask_head = BoundaryPreservingHead(
                 cfg.num_classes, m.conv_dim, m.num_conv, cfg.boundary.num_conv,
-                cfg.boundary.mask_to_boundary, cfg.boundary.boundary_to_mask, dtype)
+                cfg.boundary.mask_to_boundary, cfg.boundary.boundary_to_mask, m.conv_norm, dtype)
         elif m.name == "maskrcnn":
-            self.mask_head = MaskRCNNHead(cfg.num_classes, m.conv_dim, m.num_conv, dtype)
+            self.mask_head = MaskRCNNHead(cfg.num_classes, m.conv_dim, m.num_conv, m.conv_norm, dtype)
         elif m.name == "sobel":
             self.mask_head = SobelMaskHead(cfg.num_classes, m.conv_dim, m.num_conv, m.sobel_hidden_dim, dtype)
         else:
@@ -111,9 +119,11 @@ class BMaskRCNN(nn.Module):
         cols = jnp.arange(x.shape[2])[None, None, :] < image_hw[:, 1, None, None]
         return jnp.where((rows & cols)[..., None], x, 0.0)
 
-    def pyramid(self, images: jnp.ndarray, image_hw: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    def pyramid(self, images: jnp.ndarray, image_hw: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+        """P2..P6. train: the ViT's stochastic depth is on (drawn from the 'sampling' stream)."""
         dtype = jnp.bfloat16 if self.cfg.compute_dtype == "bfloat16" else jnp.float32
-        return self.fpn(self.backbone(self.normalize(images, image_hw).astype(dtype)))
+        x = self.normalize(images, image_hw).astype(dtype)
+        return self.fpn(self.backbone(x, train) if self.cfg.backbone.name == "vit" else self.backbone(x))
 
     def anchors(self, canvas_hw) -> list[jnp.ndarray]:
         a = self.cfg.anchors
@@ -273,7 +283,7 @@ class BMaskRCNN(nn.Module):
         k = cfg.num_classes
         images = batch["image"]
         b = images.shape[0]
-        pyramid = self.pyramid(images, batch["image_hw"])
+        pyramid = self.pyramid(images, batch["image_hw"], train=True)
         anchors = self.anchors(images.shape[1:3])
         logits, deltas = self.rpn_head([pyramid[n] for n in RPN_LEVELS])
 

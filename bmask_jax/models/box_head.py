@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bmask_jax.models import losses
-from bmask_jax.models.layers import normal, xavier_fill
+from bmask_jax.models.layers import Conv, make_norm, normal, xavier_fill
 from bmask_jax.ops import boxes as box_ops
 from bmask_jax.ops.matching import match
 from bmask_jax.ops.nms import nms
@@ -18,13 +18,20 @@ from bmask_jax.ops.sampling import subsample_labels
 
 
 class BoxHead(nn.Module):
-    """Flatten the 7x7 RoI features, then num_fc x (FC fc_dim + ReLU)."""
+    """conv_dims 3x3 convs (+ conv_norm, no bias then) + ReLU on the 7x7 RoI features (none in
+    the classic 2fc head; ViTDet's 4conv1fc has four with LayerNorm), flatten, then num_fc x
+    (FC fc_dim + ReLU): detectron2's FastRCNNConvFCHead."""
     num_fc: int = 2
     fc_dim: int = 1024
+    conv_dims: tuple[int, ...] = ()
+    conv_norm: str = ""
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
+        for i, dim in enumerate(self.conv_dims):
+            x = Conv(dim, 3, use_bias=not self.conv_norm, dtype=self.dtype, name=f"conv{i + 1}")(x)
+            x = nn.relu(make_norm(self.conv_norm, dtype=self.dtype, name=f"conv{i + 1}_norm")(x))
         x = x.reshape(x.shape[0], -1)
         for i in range(self.num_fc):
             x = nn.relu(nn.Dense(self.fc_dim, kernel_init=xavier_fill, dtype=self.dtype,

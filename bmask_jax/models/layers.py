@@ -70,14 +70,35 @@ class FrozenBatchNorm(nn.Module):
 
 
 def make_norm(kind: str, num_groups: int = 32, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
-    """'FrozenBN' (pretrained weights), 'GN' (training from scratch) or '' (none)."""
+    """'FrozenBN' (pretrained weights), 'GN' (training from scratch), 'LN' (per-pixel
+    LayerNorm over the channels: ViTDet's feature pyramid and heads) or '' (none)."""
     if kind == "FrozenBN":
         return FrozenBatchNorm(name=name)
     if kind == "GN":
         return GroupNormAuto(num_groups, dtype=dtype, name=name)
+    if kind == "LN":
+        return ChannelLayerNorm(dtype=dtype, name=name)
     if kind == "":
         return Identity(name=name)
-    raise ValueError(f"model.backbone.norm must be 'FrozenBN', 'GN' or '', got {kind!r}")
+    raise ValueError(f"norm must be 'FrozenBN', 'GN', 'LN' or '', got {kind!r}")
+
+
+class ChannelLayerNorm(nn.Module):
+    """detectron2's LayerNorm for NCHW conv features (ConvNeXt's): each pixel normalised over
+    its channels, eps 1e-6, then a per-channel scale and bias. Statistics in float32."""
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        y = x.astype(jnp.float32)
+        mean = y.mean(-1, keepdims=True)
+        var = jnp.square(y - mean).mean(-1, keepdims=True)
+        y = (y - mean) / jnp.sqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
 
 
 class GroupNormAuto(nn.Module):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmask_jax.models import losses
-from bmask_jax.models.layers import Conv, Deconv2x, msra_fill, normal, xavier_fill
+from bmask_jax.models.layers import Conv, Deconv2x, make_norm, msra_fill, normal, xavier_fill
 from bmask_jax.ops.boundaries import boundary_targets
 from bmask_jax.ops.roi_align import bilinear_crop
 
@@ -32,18 +32,27 @@ class MaskPredictor(nn.Module):
         return x.astype(jnp.float32)
 
 
+def conv_norm_relu(x, features: int, kernel: int, stride: int, norm: str, name: str, dtype):
+    """Inside a module's compact call: conv `name` (bias only without a norm), the norm
+    `<name>_norm` and ReLU, as detectron2's Conv2d(norm=..., activation=ReLU)."""
+    x = Conv(features, kernel, stride, use_bias=not norm, dtype=dtype, name=name)(x)
+    return nn.relu(make_norm(norm, dtype=dtype, name=f"{name}_norm")(x))
+
+
 class MaskRCNNHead(nn.Module):
-    """num_conv x (3x3 conv + ReLU) on 14x14 RoI features -> 28x28 mask logits [R, 28, 28, K]."""
+    """num_conv x (3x3 conv (+ conv_norm) + ReLU) on 14x14 RoI features -> 28x28 mask logits
+    [R, 28, 28, K]. conv_norm "LN": ViTDet's mask head."""
     num_classes: int
     conv_dim: int = 256
     num_conv: int = 4
+    conv_norm: str = ""
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, mask_features, boundary_features=None):
         x = mask_features
         for i in range(self.num_conv):
-            x = nn.relu(Conv(self.conv_dim, 3, dtype=self.dtype, name=f"mask_fcn{i + 1}")(x))
+            x = conv_norm_relu(x, self.conv_dim, 3, 1, self.conv_norm, f"mask_fcn{i + 1}", self.dtype)
         return MaskPredictor(self.num_classes, self.conv_dim, dtype=self.dtype)(x), None
 
 
@@ -62,23 +71,26 @@ class BoundaryPreservingHead(nn.Module):
     num_boundary_conv: int = 2
     mask_to_boundary: bool = True
     boundary_to_mask: bool = True
+    conv_norm: str = ""              # "LN" on ViTDet: every conv of the head gets the norm of the head it replaces
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, mask_features, boundary_features):
-        conv = lambda k, s, name: Conv(self.conv_dim, k, s, dtype=self.dtype, name=name)  # noqa: E731
+        def conv(x, k, s, name):
+            return conv_norm_relu(x, self.conv_dim, k, s, self.conv_norm, name, self.dtype)
+
         f_m = mask_features
         for i in range(self.num_mask_conv):
-            f_m = nn.relu(conv(3, 1, f"mask_fcn{i + 1}")(f_m))
+            f_m = conv(f_m, 3, 1, f"mask_fcn{i + 1}")
         stride = boundary_features.shape[1] // mask_features.shape[1]
-        f_b = nn.relu(conv(3, stride, "downsample")(boundary_features))
+        f_b = conv(boundary_features, 3, stride, "downsample")
         if self.mask_to_boundary:
-            f_b = f_b + nn.relu(conv(1, 1, "mask_to_boundary")(f_m))
+            f_b = f_b + conv(f_m, 1, 1, "mask_to_boundary")
         for i in range(self.num_boundary_conv):
-            f_b = nn.relu(conv(3, 1, f"boundary_fcn{i + 1}")(f_b))
+            f_b = conv(f_b, 3, 1, f"boundary_fcn{i + 1}")
         if self.boundary_to_mask:
-            f_m = nn.relu(conv(1, 1, "boundary_to_mask")(f_b)) + f_m
-        f_m = nn.relu(conv(3, 1, "mask_final_fusion")(f_m))
+            f_m = conv(f_b, 1, 1, "boundary_to_mask") + f_m
+        f_m = conv(f_m, 3, 1, "mask_final_fusion")
         mask_logits = MaskPredictor(self.num_classes, self.conv_dim, dtype=self.dtype,
                                     name="mask_branch")(f_m)
         boundary_logits = MaskPredictor(self.num_classes, self.conv_dim, "boundary_deconv",

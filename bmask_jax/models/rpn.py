@@ -18,25 +18,30 @@ from bmask_jax.ops.sampling import subsample_labels
 
 
 class RPNHead(nn.Module):
-    """3x3 conv + ReLU shared over levels, then 1x1 objectness (A) and 1x1 deltas (4A).
+    """num_convs x (3x3 conv + ReLU) shared over levels (one, `conv`, in the classic models;
+    ViTDet's has two, `conv0` and `conv1`), then 1x1 objectness (A) and 1x1 deltas (4A).
 
     Returns per level objectness [B, H*W*A] and deltas [B, H*W*A, 4], ordered (y, x, anchor)
     to line up with anchors.grid_anchors.
     """
     num_anchors: int = 3
+    num_convs: int = 1
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: Sequence[jnp.ndarray]):
         channels = features[0].shape[-1]
-        conv = Conv(channels, 3, kernel_init=normal(0.01), dtype=self.dtype, name="conv")
+        names = ["conv"] if self.num_convs == 1 else [f"conv{k}" for k in range(self.num_convs)]
+        convs = [Conv(channels, 3, kernel_init=normal(0.01), dtype=self.dtype, name=n) for n in names]
         objectness = Conv(self.num_anchors, 1, kernel_init=normal(0.01), dtype=self.dtype,
                           name="objectness_logits")
         deltas = Conv(4 * self.num_anchors, 1, kernel_init=normal(0.01), dtype=self.dtype,
                       name="anchor_deltas")
         logits_out, deltas_out = [], []
         for x in features:
-            t = nn.relu(conv(x))
+            t = x
+            for conv in convs:
+                t = nn.relu(conv(t))
             b = x.shape[0]
             logits_out.append(objectness(t).reshape(b, -1).astype(jnp.float32))
             deltas_out.append(deltas(t).reshape(b, -1, 4).astype(jnp.float32))

@@ -109,6 +109,10 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
             notes.append("pixel_mean/pixel_std from the checkpoint; channel order and stride_in_1x1 "
                          f"inferred from the mean's order ({'BGR: MSRA' if bgr else 'RGB: torchvision'} "
                          "initialisation)")
+        elif any(k.startswith("backbone.net.blocks.") for k in checkpoint):
+            changes = {k: v for k, v in torchvision.items() if k != "model.backbone.stride_in_1x1"}
+            notes.append("the checkpoint stores no pixel_mean: a ViTDet model, so ViTDet's RGB with ImageNet "
+                         "mean/std (detectron2's configs/common/models/mask_rcnn_vitdet.py)")
         else:
             changes = dict(msra)
             notes.append("the checkpoint stores no pixel_mean: assumed detectron2's defaults "
@@ -123,11 +127,17 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
 def _roi_chw(layers: list[Layer], roi_channels: int | None) -> tuple[int, int, int] | None:
     """(C, H, W) of the box head's flattened input: C = the FPN's width, H = W from fc1's size."""
     by_name = {layer.name: layer for layer in layers}
-    if roi_channels is None and "fpn/fpn_output2" in by_name:
-        roi_channels = by_name["fpn/fpn_output2"].shape("kernel")[-1]
     fc1 = next((x for x in layers if re.fullmatch(FLATTENED_ROI_INPUT, x.name)), None)
     if fc1 is None:
         return None
+    # The map fc1 flattens: the box head's last conv (ViTDet's 4conv1fc), else the pyramid's
+    # P2 (the FPN's, or the simple feature pyramid's last 3x3).
+    head = fc1.name.rsplit("/", 1)[0]
+    convs = sorted((x for x in layers if re.fullmatch(re.escape(head) + r"/conv\d+", x.name)),
+                   key=lambda x: int(x.name.rsplit("conv", 1)[1]))
+    if roi_channels is None:
+        source = convs[-1] if convs else by_name.get("fpn/fpn_output2") or by_name.get("fpn/simfp_2_5")
+        roi_channels = source.shape("kernel")[-1] if source is not None else None
     if roi_channels is None:
         raise WeightImportError(f"cannot tell the channels of {fc1.name}'s input (no FPN in the tree): "
                                 "pass roi_channels")

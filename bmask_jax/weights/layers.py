@@ -10,7 +10,7 @@ from bmask_jax.weights.errors import WeightImportError
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One layer of our model: its module path (e.g. ('backbone', 'res2_0', 'conv1')), its
-    kind (conv | deconv | dense | frozen_bn | group_norm) and its leaves
+    kind (conv | deconv | dense | frozen_bn | group_norm | layer_norm | tensor) and its leaves
     {leaf name: (collection, full path in that collection, shape)}."""
     path: tuple[str, ...]
     kind: str
@@ -50,7 +50,9 @@ def model_layers(params, frozen) -> list[Layer]:
 
     Conv: <path>/Conv_0/{kernel (kh, kw, in, out), bias?}; GroupNorm: <path>/GroupNorm_0/
     {scale, bias}; Deconv2x: <path>/{kernel (2, 2, in, out), bias}; Dense: <path>/{kernel
-    (in, out), bias}; FrozenBN: frozen <path>/{scale, shift}.
+    (in, out), bias}; FrozenBN: frozen <path>/{scale, shift}; LayerNorm: <path>/{scale, bias};
+    tensor: a module's own parameters that are none of these, copied as they are (ViT's
+    pos_embed, an attention's rel_pos_h and rel_pos_w).
     """
     groups: dict[tuple[tuple[str, ...], str], dict] = {}
     for collection, tree in (("params", params), ("frozen", frozen)):
@@ -72,6 +74,10 @@ def model_layers(params, frozen) -> list[Layer]:
             kind = "deconv"
         elif "kernel" in leaves and len(leaves["kernel"][2]) == 2:
             kind = "dense"
+        elif set(leaves) == {"scale", "bias"}:
+            kind = "layer_norm"
+        elif "kernel" not in leaves and collection == "params":
+            kind = "tensor"
         else:
             raise WeightImportError(f"model layer {'/'.join(module)} ({sorted(leaves)}) is of a kind the "
                                     "importer does not know")

@@ -21,10 +21,21 @@ DETECTRON2_RULES: list[Rule] = [
     (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)", r"backbone.bottom_up.res\1.\2.\3"),
     (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)_norm", r"backbone.bottom_up.res\1.\2.\3.norm"),
     (r"fpn/(fpn_lateral\d|fpn_output\d)", r"backbone.\1"),
+    # ViTDet (SimpleFeaturePyramid around ViT): the ViT is backbone.net, the pyramid's
+    # layers backbone.simfp_<stage>.<index> (a conv's norm: .norm).
+    (r"backbone/patch_embed", "backbone.net.patch_embed.proj"),
+    (r"backbone", "backbone.net"),                                   # pos_embed
+    (r"backbone/blocks_(\d+)/(norm1|norm2|attn|attn/qkv|attn/proj|mlp/fc1|mlp/fc2)",
+     lambda m: f"backbone.net.blocks.{m[1]}.{m[2].replace('/', '.')}"),
+    (r"fpn/simfp_(\d)_(\d)", r"backbone.simfp_\1.\2"),
+    (r"fpn/simfp_(\d)_(\d)_norm", r"backbone.simfp_\1.\2.norm"),
     (r"rpn_head/(conv|objectness_logits|anchor_deltas)", r"proposal_generator.rpn_head.\1"),
-    (r"box_head/(fc\d+)", r"roi_heads.box_head.\1"),
+    (r"rpn_head/conv(\d)", r"proposal_generator.rpn_head.conv.conv\1"),       # ViTDet's 2-conv head
+    (r"box_head/(fc\d+|conv\d+)", r"roi_heads.box_head.\1"),
+    (r"box_head/(conv\d+)_norm", r"roi_heads.box_head.\1.norm"),
     (r"box_predictor/(cls_score|bbox_pred)", r"roi_heads.box_predictor.\1"),
-    (r"box_heads_(\d+)/(fc\d+)", r"roi_heads.box_head.\1.\2"),
+    (r"box_heads_(\d+)/(fc\d+|conv\d+)", r"roi_heads.box_head.\1.\2"),
+    (r"box_heads_(\d+)/(conv\d+)_norm", r"roi_heads.box_head.\1.\2.norm"),
     (r"box_predictors_(\d+)/(cls_score|bbox_pred)", r"roi_heads.box_predictor.\1.\2"),
     # Mask R-CNN's head (MaskRCNNConvUpsampleHead): mask_fcn1..4, deconv, predictor.
     (r"mask_head/MaskPredictor_0/mask_deconv", "roi_heads.mask_head.deconv"),
@@ -33,6 +44,8 @@ DETECTRON2_RULES: list[Rule] = [
     (r"mask_head/(?:mask|boundary)_branch/(\w+)", r"roi_heads.mask_head.\1"),
     ((r"mask_head/(mask_fcn\d+|downsample|mask_to_boundary|boundary_fcn\d+|boundary_to_mask"
       r"|mask_final_fusion)"), r"roi_heads.mask_head.\1"),
+    ((r"mask_head/(mask_fcn\d+|downsample|mask_to_boundary|boundary_fcn\d+|boundary_to_mask"
+      r"|mask_final_fusion)_norm"), r"roi_heads.mask_head.\1.norm"),
 ]
 
 _BRANCH = "abc"
@@ -115,7 +128,9 @@ def source_keys(kind: str, layer: Layer, module: str) -> dict[str, str]:
         return roles
     if layer.kind == "frozen_bn":
         return {r: f"{module}.{r}" for r in ("weight", "bias", "running_mean", "running_var")}
+    if layer.kind == "tensor":
+        return {leaf: f"{module}.{leaf}" for leaf in layer.leaves}
     roles = {"weight": f"{module}.weight"}
-    if "bias" in layer.leaves or layer.kind == "group_norm":
+    if "bias" in layer.leaves or layer.kind in ("group_norm", "layer_norm"):
         roles["bias"] = f"{module}.bias"
     return roles

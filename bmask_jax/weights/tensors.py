@@ -40,9 +40,11 @@ def frozen_bn(weight, bias, running_mean, running_var, eps: float = BN_EPS) -> t
 
 def expected_source_shapes(layer: Layer, roles: dict[str, str]) -> dict[str, tuple[int, ...]]:
     """The shape each checkpoint array must have for this layer (torch layouts)."""
-    if layer.kind in ("frozen_bn", "group_norm"):
+    if layer.kind in ("frozen_bn", "group_norm", "layer_norm"):
         c = layer.shape("scale")[0]
         return {r: (c,) for r in roles}
+    if layer.kind == "tensor":                      # stored as we keep them
+        return {r: layer.shape(r) for r in roles}
     k = layer.shape("kernel")
     weight = {"conv": lambda: (k[3], k[2], k[0], k[1]), "deconv": lambda: (k[2], k[3], k[0], k[1]),
               "dense": lambda: (k[1], k[0])}[layer.kind]()
@@ -56,8 +58,10 @@ def convert_layer(layer: Layer, arrays: dict[str, np.ndarray], roi_chw=None) -> 
             return {"scale": arrays["scale"], "shift": arrays["shift"]}
         scale, shift = frozen_bn(arrays["weight"], arrays["bias"], arrays["running_mean"], arrays["running_var"])
         return {"scale": scale, "shift": shift}
-    if layer.kind == "group_norm":
+    if layer.kind in ("group_norm", "layer_norm"):
         return {"scale": arrays["weight"], "bias": arrays["bias"]}
+    if layer.kind == "tensor":
+        return dict(arrays)
     w = arrays["weight"]
     kernel = {"conv": conv_kernel, "deconv": deconv_kernel,
               "dense": lambda x: dense_kernel(x, roi_chw if re.fullmatch(FLATTENED_ROI_INPUT, layer.name) else None)}

@@ -1,0 +1,169 @@
+"""ViTDet's pieces (models/vit.py) against independent references, and its detectron2 layout:
+
+- the position table's bicubic resize and the relative tables' linear resize against PyTorch's
+  F.interpolate (detectron2 calls it), and the relative-position gather against get_rel_pos's
+  formula worked by hand;
+- window attention with decomposed relative positions against a brute-force numpy version
+  of detectron2's Attention (every query, key and head in a loop);
+- the key/shape layout of detectron2's ViTDet (tests/helpers.d2_vitdet_shapes, written from
+  detectron2's modules) imports into ViTDet-B, Cascade ViTDet-B and the small variant with
+  no missing, unexpected or mis-shaped key and no layer left fresh.
+
+detectron2's own ViTDet runs in tests/test_vitdet_parity.py where its sources are present."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bmask_jax import config as config_lib
+from bmask_jax.engine.variables import abstract_variables
+from bmask_jax.models import vit
+from bmask_jax.weights import convert
+from helpers import d2_vitdet_shapes
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("out_size,in_size", [(64, 14), (8, 14), (14, 14), (5, 3), (3, 7)])
+def test_bicubic_matrix_is_torchs_interpolate(out_size, in_size):
+    grid = np.random.default_rng(0).normal(size=(in_size, in_size)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=(out_size, out_size),
+                                           mode="bicubic", align_corners=False)[0, 0].numpy()
+    m = vit.bicubic_matrix(out_size, in_size)
+    np.testing.assert_allclose(m @ grid @ m.T, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_size,in_size", [(127, 27), (7, 127), (13, 7), (27, 27)])
+def test_linear_matrix_is_torchs_interpolate(out_size, in_size):
+    table = np.random.default_rng(1).normal(size=(in_size, 3)).astype(np.float32)
+    want = torch.nn.functional.interpolate(torch.from_numpy(table.T.copy())[None], size=out_size,
+                                           mode="linear", align_corners=False)[0].numpy().T
+    np.testing.assert_allclose(vit.linear_matrix(out_size, in_size) @ table, want, rtol=1e-5, atol=1e-6)
+
+
+def test_relative_index_as_worked_by_hand():
+    """q = k = 3: rows (q - k) + 2, i.e. [[2, 1, 0], [3, 2, 1], [4, 3, 2]]. q = 2, k = 4: queries
+    at 0 and 2 (scaled by k / q), keys at 0..3, offset 3."""
+    np.testing.assert_array_equal(vit.relative_index(3, 3), [[2, 1, 0], [3, 2, 1], [4, 3, 2]])
+    np.testing.assert_array_equal(vit.relative_index(2, 4), [[3, 2, 1, 0], [5, 4, 3, 2]])
+
+
+def test_absolute_embeddings_drop_the_class_token_and_resize():
+    rng = np.random.default_rng(2)
+    table = rng.normal(size=(1, 1 + 4 * 4, 5)).astype(np.float32)
+    got = np.asarray(vit.absolute_embeddings(jnp.asarray(table), True, (6, 3)))
+    grid = torch.from_numpy(table[0, 1:].reshape(4, 4, 5)).permute(2, 0, 1)[None]
+    want = torch.nn.functional.interpolate(grid, size=(6, 3), mode="bicubic", align_corners=False)
+    np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+    same = np.asarray(vit.absolute_embeddings(jnp.asarray(table[:, 1:]), False, (4, 4)))
+    np.testing.assert_array_equal(same[0], table[0, 1:].reshape(4, 4, 5))
+
+
+def brute_force_attention(x, qkv_w, qkv_b, proj_w, proj_b, table_h, table_w, heads):
+    """detectron2's Attention on one [H, W, C] map, written out per head, query and key."""
+    h, w, c = x.shape
+    hd = c // heads
+    qkv = x.reshape(h * w, c) @ qkv_w + qkv_b                   # [N, 3C], torch's (3, heads, hd) order
+    q, k, v = (qkv[:, i * c:(i + 1) * c].reshape(h * w, heads, hd) for i in range(3))
+    out = np.zeros((h * w, heads, hd))
+    for n in range(heads):
+        for a in range(h * w):
+            ya, xa = divmod(a, w)
+            logits = np.zeros(h * w)
+            for b in range(h * w):
+                yb, xb = divmod(b, w)
+                logits[b] = (q[a, n] * hd ** -0.5) @ k[b, n]
+                logits[b] += q[a, n] @ table_h[ya - yb + h - 1] + q[a, n] @ table_w[xa - xb + w - 1]
+            p = np.exp(logits - logits.max())
+            out[a, n] = (p / p.sum()) @ v[:, n]
+    return (out.reshape(h * w, c) @ proj_w + proj_b).reshape(h, w, c)
+
+
+def test_attention_with_relative_positions_against_brute_force():
+    rng = np.random.default_rng(3)
+    h, w, c, heads = 3, 4, 8, 2
+    x = rng.normal(size=(1, h, w, c)).astype(np.float32)
+    module = vit.Attention(heads, (h, w))
+    variables = module.init(jax.random.PRNGKey(0), jnp.asarray(x))
+    p = jax.tree_util.tree_map(np.asarray, variables["params"])
+    p["rel_pos_h"] = rng.normal(size=p["rel_pos_h"].shape).astype(np.float32)
+    p["rel_pos_w"] = rng.normal(size=p["rel_pos_w"].shape).astype(np.float32)
+    p["qkv"]["bias"] = rng.normal(size=p["qkv"]["bias"].shape).astype(np.float32)
+    got = np.asarray(module.apply({"params": p}, jnp.asarray(x)))
+    want = brute_force_attention(x[0].astype(np.float64), p["qkv"]["kernel"], p["qkv"]["bias"], p["proj"]["kernel"],
+                                 p["proj"]["bias"], p["rel_pos_h"], p["rel_pos_w"], heads)
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_windows_pad_and_come_back():
+    x = jnp.arange(2 * 5 * 7 * 3, dtype=jnp.float32).reshape(2, 5, 7, 3)
+    windows, padded = vit.window_partition(x, 4)
+    assert windows.shape == (2 * 2 * 2, 4, 4, 3) and padded == (8, 8)
+    np.testing.assert_array_equal(windows[1], jnp.pad(x, ((0, 0), (0, 3), (0, 1), (0, 0)))[0, :4, 4:8])
+    np.testing.assert_array_equal(vit.window_unpartition(windows, 4, padded, (5, 7)), x)
+
+
+def zeros_for(config):
+    abstract = abstract_variables(config)
+    return (jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract["params"]),
+            jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract.get("frozen", {})))
+
+
+@pytest.mark.parametrize("spec", ["mask_rcnn:vitdet_b", "mask_rcnn:cascade_vitdet_b", "bmask_rcnn:tiny_vitdet",
+                                  "bmask_rcnn:vitdet_b"])
+def test_detectron2_vitdet_layout_imports_whole(spec):
+    config = config_lib.from_file(spec)
+    shapes = d2_vitdet_shapes(config)
+    rng = np.random.default_rng(0)
+    checkpoint = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    params, frozen = zeros_for(config)
+    new_params, _, report = convert(checkpoint, params, frozen, "detectron2", spec)
+    assert not report.initialised_fresh and len(report.loaded) == len(shapes)
+    assert report.config_changes["model.input_format"] == "RGB"
+    b = new_params["backbone"]
+    np.testing.assert_array_equal(b["pos_embed"], checkpoint["backbone.net.pos_embed"])
+    np.testing.assert_array_equal(b["blocks_0"]["attn"]["qkv"]["kernel"],
+                                  checkpoint["backbone.net.blocks.0.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(new_params["fpn"]["simfp_2_1"]["scale"], checkpoint["backbone.simfp_2.1.weight"])
+    np.testing.assert_array_equal(b["patch_embed"]["Conv_0"]["kernel"],
+                                  checkpoint["backbone.net.patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+
+
+def test_optimizer_groups_and_layer_decay_as_detectron2s_vitdet_b():
+    """get_vit_lr_decay_rate(name, 0.7, 12): 0.7 ** 13 for the patch and position embeddings,
+    0.7 ** (12 - i) for block i, 1 for the pyramid and heads; pos_embed has no weight decay,
+    the LayerNorms (the pyramid's simfp_2.1 too) weight_decay_norm."""
+    from bmask_jax.engine import optim
+    config = config_lib.from_file("mask_rcnn:vitdet_b")
+    params, _ = zeros_for(config)
+    factors = optim.vit_lr_decay_factors(params, config.model, 0.7)
+    assert factors["backbone"]["pos_embed"] == pytest.approx(0.7 ** 13)
+    assert factors["backbone"]["patch_embed"]["Conv_0"]["kernel"] == pytest.approx(0.7 ** 13)
+    assert factors["backbone"]["blocks_0"]["attn"]["qkv"]["kernel"] == pytest.approx(0.7 ** 12)
+    assert factors["backbone"]["blocks_11"]["mlp"]["fc2"]["bias"] == pytest.approx(0.7)
+    assert factors["fpn"]["simfp_2_0"]["kernel"] == 1.0 and factors["box_predictor"]["cls_score"]["kernel"] == 1.0
+    labels = optim.parameter_labels(params, config.model, tuple(config.train.no_decay_params))
+    assert labels["backbone"]["pos_embed"] == "no_decay"
+    assert labels["backbone"]["blocks_3"]["norm1"]["scale"] == "norm"
+    assert labels["fpn"]["simfp_2_1"]["bias"] == "norm" and labels["fpn"]["simfp_2_4_norm"]["scale"] == "norm"
+    assert labels["backbone"]["blocks_3"]["attn"]["rel_pos_h"] == "default"
+    assert labels["box_head"]["conv1"]["Conv_0"]["kernel"] == "default"
+
+
+def test_layer_decay_scales_each_update_by_its_factor():
+    from bmask_jax.engine import optim
+    config = config_lib.from_file("bmask_rcnn:tiny_vitdet")
+    config.train.update(optimizer="adamw", weight_decay=0.1, no_decay_params=("pos_embed",))
+    params, _ = zeros_for(config)
+    params = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, np.float32), params)
+    grads = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.01, np.float32), params)
+    updates = {}
+    for decay in (1.0, 0.5):
+        config.train.layer_decay = decay
+        tx = optim._make_optimizer(config, params)
+        updates[decay], _ = tx.update(grads, tx.init(params), params)
+    factors = optim.vit_lr_decay_factors(params, config.model, 0.5)
+    for (path, a), b, f in zip(jax.tree_util.tree_leaves_with_path(updates[1.0]), jax.tree_util.tree_leaves(updates[0.5]),
+                               jax.tree_util.tree_leaves(factors)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a) * f, rtol=1e-6, err_msg=str(path))
+    assert jax.tree_util.tree_leaves(factors)[0] != 1.0 or len(set(jax.tree_util.tree_leaves(factors))) > 1
