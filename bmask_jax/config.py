@@ -111,6 +111,9 @@ def base() -> ml_collections.ConfigDict:
     d.max_instances = 100                    # GT padded to this many per image
     d.gt_mask_size = 112                     # each GT mask resampled over its box, M x M
     d.num_workers = 2
+    # Large-scale jitter (ViTDet, the LSJ baselines): flip, scale to size x [min, max], crop
+    # size x size, boxes from the cropped masks; replaces train_short_side when enabled.
+    d.lsj = ml_collections.ConfigDict(dict(enabled=False, size=1024, min_scale=0.1, max_scale=2.0))
 
     # ---- training ----
     t = c.train = ml_collections.ConfigDict()
@@ -307,6 +310,7 @@ def vitdet(c: ml_collections.ConfigDict, size: str = "b") -> ml_collections.Conf
     c.model.roi_heads.update(conv_dims=(256, 256, 256, 256), conv_norm="LN", num_fc=1, fc_dim=1024)
     c.model.mask_head.conv_norm = "LN"
     c.data.update(canvas_buckets=((1024, 1024),), test_short_side=1024, max_size=1024)
+    c.data.lsj.update(enabled=True, size=1024)
     c.train.update(optimizer="adamw", batch_size=64, base_lr=1e-4, adam_betas=(0.9, 0.999), weight_decay=0.1,
                    weight_decay_norm=0.0, no_decay_params=("pos_embed",), layer_decay=layer_decay,
                    warmup_iters=250, warmup_factor=0.001, max_iter=184375, lr_steps=(163889, 177546))
@@ -330,6 +334,7 @@ def small_vitdet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.rpn.num_convs = 2
     c.model.roi_heads.update(conv_dims=(width,) * 4, conv_norm="LN", num_fc=1)
     c.model.mask_head.conv_norm = "LN"
+    c.data.lsj.update(enabled=True, size=canvas)
     return c
 
 

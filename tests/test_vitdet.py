@@ -167,3 +167,62 @@ def test_layer_decay_scales_each_update_by_its_factor():
                                jax.tree_util.tree_leaves(factors)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a) * f, rtol=1e-6, err_msg=str(path))
     assert jax.tree_util.tree_leaves(factors)[0] != 1.0 or len(set(jax.tree_util.tree_leaves(factors))) > 1
+
+
+@pytest.mark.parametrize("seed,flip", [(0, False), (1, True), (5, False), (7, True)])
+def test_large_scale_jitter_against_pillow(seed, flip):
+    """The image is Pillow's bilinear resize of the (flipped) image, cropped; each mask is
+    Pillow's nearest resize, cropped; boxes are the cropped masks' extents; instances cropped
+    away are dropped. The two draws (scale, then the window's place) replayed by hand."""
+    from PIL import Image
+
+    from bmask_jax.data.transforms import large_scale_jitter
+    h, w, size = 60, 80, 64
+    image = (np.arange(h * w * 3) % 251).astype(np.uint8).reshape(h, w, 3)
+    masks = np.zeros((3, h, w), bool)
+    masks[0, 10:30, 20:60] = True
+    masks[1, 0:3, 0:3] = True
+    masks[2, 40:59, 70:79] = True
+    example = {"image": image, "masks": masks, "boxes": np.zeros((3, 4), np.float32), "classes": np.array([1, 2, 3]),
+               "iscrowd": np.array([False, False, True])}
+    out = large_scale_jitter(example, np.random.default_rng(seed), size, 0.1, 2.0, flip)
+
+    replay = np.random.default_rng(seed)
+    s, u = replay.uniform(0.1, 2.0), replay.uniform(0.0, 1.0)
+    scale = min(size * s / h, size * s / w)
+    nh, nw = int(np.round(h * scale)), int(np.round(w * scale))
+    oy, ox = int(np.round(max(nh - size, 0) * u)), int(np.round(max(nw - size, 0) * u))
+    window = (slice(oy, oy + min(size, nh)), slice(ox, ox + min(size, nw)))
+    src = image[:, ::-1] if flip else image
+    want_image = np.asarray(Image.fromarray(np.ascontiguousarray(src)).resize((nw, nh), Image.BILINEAR))[window]
+    np.testing.assert_array_equal(out["image"], want_image)
+    want_masks, want_boxes, kept = [], [], []
+    for i, m in enumerate(masks):
+        m = np.ascontiguousarray(m[:, ::-1] if flip else m)
+        r = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((nw, nh), Image.NEAREST))[window] > 0
+        if r.any():
+            ys, xs = np.nonzero(r)
+            want_masks.append(r)
+            want_boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            kept.append(i)
+    assert out["image"].shape[0] <= size and out["image"].shape[1] <= size
+    np.testing.assert_array_equal(out["masks"], np.array(want_masks, bool).reshape(-1, *out["image"].shape[:2]))
+    np.testing.assert_array_equal(out["boxes"], np.array(want_boxes, np.float32).reshape(-1, 4))
+    np.testing.assert_array_equal(out["classes"], np.array([1, 2, 3])[kept])
+    np.testing.assert_array_equal(out["iscrowd"], np.array([False, False, True])[kept])
+
+
+def test_lsj_batches_fill_one_static_canvas():
+    from bmask_jax.data.pipeline import TrainBatches, build_dataset
+    config = config_lib.from_file("bmask_rcnn:tiny_vitdet")
+    loader = TrainBatches(build_dataset(config.data, "train"), config.data, 4, seed=0)
+    try:
+        batch = loader.batch(0, prefetch=0)
+    finally:
+        loader.close()
+    assert batch["image"].shape == (4, 64, 64, 3)
+    assert (batch["image_hw"] <= 64).all() and len({tuple(x) for x in batch["image_hw"]}) > 1   # jittered sizes
+    valid = batch["gt_valid"]
+    boxes = batch["gt_boxes"][valid]
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert (boxes[:, 2] <= batch["image_hw"][np.nonzero(valid)[0], 1]).all()

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge
+from bmask_jax.data.transforms import choose_canvas, large_scale_jitter, prepare_example, resize_shortest_edge
 
 STACK_KEYS = ("image", "image_hw", "scale", "orig_hw", "image_id", "gt_boxes", "gt_classes",
               "gt_valid", "gt_masks", "num_dropped")
@@ -104,6 +104,12 @@ class TrainBatches:
     def _example(self, step: int, slot: int, index: int) -> dict:
         rng = np.random.default_rng([self.seed, step, slot, 1])
         c = self.cfg
+        lsj = c.get("lsj")
+        if lsj is not None and lsj.enabled:
+            flip = bool(c.flip and rng.random() < 0.5)
+            example = large_scale_jitter(self.dataset[int(index)], rng, lsj.size, lsj.min_scale, lsj.max_scale, flip)
+            return prepare_example(example, None, c.max_size, c.canvas_buckets, False, c.max_instances,
+                                   c.gt_mask_size)
         short = int(rng.choice(np.asarray(c.train_short_side)))
         flip = bool(c.flip and rng.random() < 0.5)
         return prepare_example(self.dataset[int(index)], short, c.max_size, c.canvas_buckets, flip,

@@ -134,19 +134,68 @@ def crop_masks_to_boxes(masks: np.ndarray, boxes: np.ndarray, size: int) -> np.n
     return np.round((top * (1 - fy) + bottom * fy) * 255).astype(np.uint8)
 
 
-def prepare_example(example: dict, short_side: int, max_size: int, buckets, flip: bool,
+def pillow_nearest_index(out_size: int, in_size: int) -> np.ndarray:
+    """The input pixel each output pixel reads in Pillow's NEAREST resize (ImagingScaleAffine:
+    the source coordinate starts at scale / 2 and grows by `scale` per pixel, summed in double
+    precision, then truncated): detectron2 resizes bitmasks with it."""
+    scale = in_size / out_size
+    steps = np.full(out_size, scale)
+    steps[0] = scale * 0.5
+    return np.minimum(np.cumsum(steps).astype(np.int64), in_size - 1)
+
+
+def large_scale_jitter(example: dict, rng: np.random.Generator, size: int, min_scale: float, max_scale: float,
+                       flip: bool) -> dict:
+    """detectron2's large-scale jitter (ViTDet's and the LSJ baselines' training mapper):
+    RandomFlip, then ResizeScale (the image scaled to fit size x size times a scale drawn
+    uniformly in [min_scale, max_scale], bilinear), then FixedSizeCrop(size, pad=False) (a
+    random window of at most size x size, one uniform draw placing it along both axes), and the
+    boxes recomputed from the cropped masks (recompute_boxes); instances left empty are dropped.
+    The masks are resized nearest-neighbour (as detectron2 resizes bitmasks) and only inside
+    the window. Returns an example of the same keys, its image at most size x size."""
+    image, masks = example["image"], np.asarray(example["masks"])
+    h, w = image.shape[:2]
+    masks = masks.reshape(-1, h, w)
+    if flip:
+        image, masks = image[:, ::-1], masks[:, :, ::-1]
+    scale = rng.uniform(min_scale, max_scale)
+    out_scale = min(size * scale / h, size * scale / w)
+    nh, nw = int(np.round(h * out_scale)), int(np.round(w * out_scale))
+    u = rng.uniform(0.0, 1.0)
+    oy, ox = int(np.round(max(nh - size, 0) * u)), int(np.round(max(nw - size, 0) * u))
+    ch, cw = min(size, nh), min(size, nw)
+    crop = resize_image(np.ascontiguousarray(image), (nh, nw))[oy:oy + ch, ox:ox + cw]
+    ys = pillow_nearest_index(nh, h)[oy:oy + ch]
+    xs = pillow_nearest_index(nw, w)[ox:ox + cw]
+    masks = masks[:, ys][:, :, xs].astype(bool)
+    rows, cols = masks.any(2), masks.any(1)
+    keep = rows.any(1)
+    boxes = np.zeros((len(masks), 4), np.float32)
+    for i in np.nonzero(keep)[0]:
+        y = np.nonzero(rows[i])[0]
+        x = np.nonzero(cols[i])[0]
+        boxes[i] = (x[0], y[0], x[-1] + 1, y[-1] + 1)
+    out = dict(example, image=np.ascontiguousarray(crop), masks=masks[keep], boxes=boxes[keep],
+               classes=np.asarray(example["classes"]).reshape(-1)[keep])
+    if "iscrowd" in example:
+        out["iscrowd"] = np.asarray(example["iscrowd"]).reshape(-1)[keep]
+    return out
+
+
+def prepare_example(example: dict, short_side: int | None, max_size: int, buckets, flip: bool,
                     max_instances: int, gt_mask_size: int, with_gt: bool = True, resize=resize_image) -> dict:
     """One dataset example -> fixed-shape arrays for the model.
 
     example: image [H, W, 3] uint8, and for training boxes [N, 4], classes [N], masks
     [N, H, W], iscrowd [N] (optional). Crowd instances and boxes that are empty after
     resizing are not trained on; beyond max_instances the largest are kept and
-    `num_dropped` counts the rest, so the caller can report them. resize: the image resize
-    (serving passes resize_image_numpy, the same resize without Pillow).
+    `num_dropped` counts the rest, so the caller can report them. short_side None: the image
+    keeps its size (large_scale_jitter has sized it). resize: the image resize (serving passes
+    resize_image_numpy, the same resize without Pillow).
     """
     image = example["image"]
     h, w = image.shape[:2]
-    new_hw = resize_shortest_edge((h, w), short_side, max_size)
+    new_hw = (h, w) if short_side is None else resize_shortest_edge((h, w), short_side, max_size)
     canvas_hw = choose_canvas(new_hw, buckets)
     resized = resize(image, new_hw)
     if flip:
