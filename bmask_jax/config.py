@@ -301,7 +301,7 @@ def vitdet(c: ml_collections.ConfigDict, size: str = "b") -> ml_collections.Conf
     norms), warmup 250 iterations from 0.001."""
     coco(c)
     dim, depth, heads, drop_path, global_blocks, layer_decay = VIT_SIZES[size]
-    c.model.weights = ""
+    c.model.weights = f"ImageNet/MAE/ViT-{size.upper()}"      # MAE's ImageNet ViT, as ViTDet starts
     c.model.update(input_format="RGB", pixel_mean=(123.675, 116.280, 103.530), pixel_std=(58.395, 57.120, 57.375))
     c.model.backbone.update(name="vit", norm="", freeze_at=0)
     c.model.backbone.vit.update(embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path,

@@ -226,3 +226,44 @@ def test_lsj_batches_fill_one_static_canvas():
     boxes = batch["gt_boxes"][valid]
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     assert (boxes[:, 2] <= batch["image_hw"][np.nonzero(valid)[0], 1]).all()
+
+
+def mae_checkpoint(config, seed=0) -> dict[str, np.ndarray]:
+    """MAE's mae_pretrain_vit_*.pth layout (timm's VisionTransformer encoder, written from its
+    modules): class token, position table with the class token's row, patch conv, blocks, the
+    final norm."""
+    v = config.model.backbone.vit
+    d, p, hidden = v.embed_dim, v.patch_size, int(v.embed_dim * v.mlp_ratio)
+    shapes = {"cls_token": (1, 1, d), "pos_embed": (1, (v.pretrain_img_size // p) ** 2 + 1, d),
+              "patch_embed.proj.weight": (d, 3, p, p), "patch_embed.proj.bias": (d,),
+              "norm.weight": (d,), "norm.bias": (d,)}
+    for i in range(v.depth):
+        for name, shape in (("norm1", (d,)), ("norm2", (d,)), ("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)),
+                            ("mlp.fc1", (hidden, d)), ("mlp.fc2", (d, hidden))):
+            shapes[f"blocks.{i}.{name}.weight"] = shape
+            shapes[f"blocks.{i}.{name}.bias"] = (shape[0],)
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+
+
+def test_mae_backbone_imports_as_detectron2s_matching_heuristics_do(tmp_path):
+    """A .pth in MAE's layout (saved by torch) fills the ViT; the relative tables and all above
+    the ViT keep their initial values; the class token and the final norm are ignored."""
+    from bmask_jax.weights import detect_kind, read_checkpoint
+    config = config_lib.from_file("bmask_rcnn:tiny_vitdet")
+    arrays = mae_checkpoint(config)
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in arrays.items()}}, path)
+    checkpoint = read_checkpoint(str(path))
+    assert detect_kind(checkpoint) == "mae"
+    params, frozen = zeros_for(config)
+    new, _, report = convert(checkpoint, params, frozen, "auto", str(path))
+    assert report.kind == "mae" and sorted(report.ignored) == ["cls_token", "norm.bias", "norm.weight"]
+    fresh = set(report.initialised_fresh)
+    assert {f"backbone/blocks_{i}/attn" for i in range(4)} <= fresh and "fpn/simfp_2_0" in fresh
+    assert not any(name.startswith("backbone/") and not name.endswith("/attn") for name in fresh)
+    np.testing.assert_array_equal(new["backbone"]["pos_embed"], arrays["pos_embed"])
+    np.testing.assert_array_equal(new["backbone"]["blocks_2"]["mlp"]["fc1"]["kernel"], arrays["blocks.2.mlp.fc1.weight"].T)
+    np.testing.assert_array_equal(new["backbone"]["blocks_1"]["norm2"]["scale"], arrays["blocks.1.norm2.weight"])
+    assert report.config_changes == {"model.input_format": "RGB", "model.pixel_mean": (123.675, 116.280, 103.530),
+                                     "model.pixel_std": (58.395, 57.120, 57.375)}

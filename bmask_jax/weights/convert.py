@@ -48,10 +48,13 @@ class ImportReport:
 def detect_kind(checkpoint: dict[str, np.ndarray], source: str = "checkpoint") -> str:
     """'detectron2' (module paths like backbone.bottom_up..., roi_heads...), 'msra' (Caffe2
     blobs conv1_w, res2_0_branch2a_w, ...), 'hrnet' (conv1, conv2, layer1, stage2.0.branches...)
-    or 'torchvision' (conv1.weight, layer1.0...)."""
+    'torchvision' (conv1.weight, layer1.0...) or 'mae' (MAE's ViT encoder: patch_embed.proj,
+    blocks.0.attn.qkv...)."""
     keys = set(checkpoint)
     if any(k.startswith(("backbone.", "roi_heads.", "proposal_generator.")) for k in keys):
         return "detectron2"
+    if "patch_embed.proj.weight" in keys and any(k.startswith("blocks.0.attn.qkv.") for k in keys):
+        return "mae"
     if "conv1_w" in keys or "res_conv1_bn_s" in keys:
         return "msra"
     if any(k.startswith("stage2.0.branches.") for k in keys) and "conv2.weight" in keys:
@@ -96,8 +99,8 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
         changes = dict(msra)
     elif kind == "torchvision":
         changes = dict(torchvision)
-    elif kind == "hrnet":
-        # Stride placement does not apply: HRNet's stage 1 runs at stride 1.
+    elif kind in ("hrnet", "mae"):
+        # Stride placement does not apply (HRNet's stage 1 runs at stride 1; a ViT has none).
         changes = {k: v for k, v in torchvision.items() if k != "model.backbone.stride_in_1x1"}
     else:
         if "pixel_mean" in checkpoint:
@@ -117,7 +120,9 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
             changes = dict(msra)
             notes.append("the checkpoint stores no pixel_mean: assumed detectron2's defaults "
                          "(BGR, MSRA mean, std 1, stride_in_1x1=True)")
-    if kind != "detectron2" or any(k.endswith("norm.running_mean") for k in checkpoint):
+    if kind == "mae":
+        pass                                  # a ViT: no norm of model.backbone.norm's
+    elif kind != "detectron2" or any(k.endswith("norm.running_mean") for k in checkpoint):
         changes["model.backbone.norm"] = "FrozenBN"
     elif any(re.fullmatch(r"backbone\.bottom_up\..*norm\.weight", k) for k in checkpoint):
         changes["model.backbone.norm"] = "GN"

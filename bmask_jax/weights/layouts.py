@@ -7,7 +7,7 @@ from typing import Any
 
 from bmask_jax.weights.layers import Layer
 
-KINDS = ("detectron2", "msra", "torchvision", "hrnet")
+KINDS = ("detectron2", "msra", "torchvision", "hrnet", "mae")
 WHOLE_MODEL_KINDS = ("detectron2",)
 
 Rule = tuple[str, Any]   # (regex over our layer name, source module: template or callable on the match)
@@ -90,8 +90,20 @@ HRNET_RULES: list[Rule] = [
     (r"backbone/stage(\d)_(\d+)/fusion/fuse(\d)_(\d)_(\d)_norm", r"stage\1.\2.fuse_layers.\3.\4.\5.1"),
 ]
 
+# MAE's ImageNet ViTs (mae_pretrain_vit_*.pth: the encoder, timm's names), into ViTDet's
+# backbone as detectron2's matching heuristics put them: each key lands on the model key it is
+# a suffix of (blocks.3.attn.qkv.weight -> backbone.net.blocks.3.attn.qkv.weight). The
+# relative position tables have no counterpart (they start at zero, as in ViTDet), nor has
+# anything above the ViT.
+MAE_RULES: list[Rule] = [
+    (r"backbone/patch_embed", "patch_embed.proj"),
+    (r"backbone", ""),                                               # pos_embed
+    (r"backbone/blocks_(\d+)/(norm1|norm2|attn/qkv|attn/proj|mlp/fc1|mlp/fc2)",
+     lambda m: f"blocks.{m[1]}.{m[2].replace('/', '.')}"),
+]
+
 RULES = {"detectron2": DETECTRON2_RULES, "torchvision": TORCHVISION_RULES, "msra": MSRA_RULES,
-         "hrnet": HRNET_RULES}
+         "hrnet": HRNET_RULES, "mae": MAE_RULES}
 
 # Source keys a kind may hold that have no place in our model: reported, not an error.
 IGNORED = {
@@ -101,6 +113,9 @@ IGNORED = {
     "msra": [r"pred_[wb]", r"fc1000_[wb]", r".*_momentum"],
     # the classification head: incre_modules, downsamp_modules, final_layer, classifier
     "hrnet": [r"(incre_modules|downsamp_modules|final_layer|classifier)\..*", r".*num_batches_tracked"],
+    # the class token and the encoder's last norm (ViTDet uses neither), a classifier if any
+    "mae": [r"cls_token", r"mask_token", r"norm\.(weight|bias)", r"fc_norm\.(weight|bias)", r"head\..*",
+            r"decoder.*"],
 }
 
 # Layers whose input is the flattened RoI feature map: (C, H, W) in detectron2, (H, W, C) here.
@@ -129,7 +144,7 @@ def source_keys(kind: str, layer: Layer, module: str) -> dict[str, str]:
     if layer.kind == "frozen_bn":
         return {r: f"{module}.{r}" for r in ("weight", "bias", "running_mean", "running_var")}
     if layer.kind == "tensor":
-        return {leaf: f"{module}.{leaf}" for leaf in layer.leaves}
+        return {leaf: f"{module}.{leaf}" if module else leaf for leaf in layer.leaves}
     roles = {"weight": f"{module}.weight"}
     if "bias" in layer.leaves or layer.kind in ("group_norm", "layer_norm"):
         roles["bias"] = f"{module}.bias"

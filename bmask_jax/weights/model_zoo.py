@@ -36,6 +36,7 @@ class ZooEntry:
     mask_ap: float | None
     file_name: str = ""       # where the URL does not end in it (share links)
     manual: bool = False      # the URL is a page to open in a browser, not the file
+    license: str = ""         # the weights' terms, as their publisher states them
 
     @property
     def local_name(self) -> str:
@@ -55,39 +56,64 @@ class ZooEntry:
 
 _D2 = "detectron2://"
 _AUTHORS = "hustvl/BMaskR-CNN"
+# detectron2's MODEL_ZOO.md: "All models available for download through this document are
+# licensed under the Creative Commons Attribution-ShareAlike 3.0 license".
+D2_LICENSE = "CC BY-SA 3.0 (detectron2 MODEL_ZOO.md)"
+AUTHORS_LICENSE = "not stated (the authors' README names none)"
+# MAE's README puts its pretrained weights under CC BY-NC 4.0; detectron2's copies
+# (ImageNetPretrained/MAE) are those weights. ViTDet's README states no license for its models,
+# which are fine-tuned from them.
+MAE_LICENSE = "CC BY-NC 4.0 (MAE's README): non-commercial"
+VITDET_LICENSE = "not stated by ViTDet's README; fine-tuned from MAE weights (CC BY-NC 4.0): non-commercial"
 ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     # detectron2's MODEL_ZOO.md: COCO instance segmentation baselines and Cascade R-CNN.
     ZooEntry("mask_rcnn_R_50_FPN_1x", "configs/mask_rcnn.py:r50_fpn_1x",
              _D2 + "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x/137260431/model_final_a54504.pkl",
-             "detectron2", "COCO", 38.6, 35.2),
+             "detectron2", "COCO", 38.6, 35.2, license=D2_LICENSE),
     ZooEntry("mask_rcnn_R_50_FPN_3x", "configs/mask_rcnn.py:r50_fpn_3x",
              _D2 + "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl",
-             "detectron2", "COCO", 41.0, 37.2),
+             "detectron2", "COCO", 41.0, 37.2, license=D2_LICENSE),
     ZooEntry("mask_rcnn_R_101_FPN_3x", "configs/mask_rcnn.py:r101_fpn_3x",
              _D2 + "COCO-InstanceSegmentation/mask_rcnn_R_101_FPN_3x/138205316/model_final_a3ec72.pkl",
-             "detectron2", "COCO", 42.9, 38.6),
+             "detectron2", "COCO", 42.9, 38.6, license=D2_LICENSE),
     ZooEntry("cascade_mask_rcnn_R_50_FPN_1x", "configs/mask_rcnn.py:cascade_r50_fpn_1x",
              _D2 + "Misc/cascade_mask_rcnn_R_50_FPN_1x/138602847/model_final_e9d89b.pkl",
-             "detectron2", "COCO", 42.1, 36.4),
+             "detectron2", "COCO", 42.1, 36.4, license=D2_LICENSE),
     ZooEntry("cascade_mask_rcnn_R_50_FPN_3x", "configs/mask_rcnn.py:cascade_r50_fpn_3x",
              _D2 + "Misc/cascade_mask_rcnn_R_50_FPN_3x/144998488/model_final_480dd8.pkl",
-             "detectron2", "COCO", 44.3, 38.5),
+             "detectron2", "COCO", 44.3, 38.5, license=D2_LICENSE),
+    # detectron2's projects/ViTDet/README.md (COCO val): Mask R-CNN and Cascade Mask R-CNN.
+    *[ZooEntry(f"{arch}_vitdet_{size}", f"configs/mask_rcnn.py:{'cascade_' if arch.startswith('cascade') else ''}"
+               f"vitdet_{size}", f"{_D2}ViTDet/COCO/{arch}_vitdet_{size}/{run}/model_final_{md5}.pkl",
+               "detectron2 (ViTDet)", "COCO", box, mask, license=VITDET_LICENSE)
+      for arch, size, run, md5, box, mask in [
+          ("mask_rcnn", "b", "f325346929", "61ccd1", 51.6, 45.9),
+          ("mask_rcnn", "l", "f325599698", "6146ed", 55.5, 49.2),
+          ("mask_rcnn", "h", "f329145471", "7224f1", 56.7, 50.2),
+          ("cascade_mask_rcnn", "b", "f325358525", "435fa9", 54.0, 46.7),
+          ("cascade_mask_rcnn", "l", "f328021305", "1a9f28", 57.6, 50.0),
+          ("cascade_mask_rcnn", "h", "f328730692", "f05665", 58.7, 51.0)]],
     # The authors' README (github.com/hustvl/BMaskR-CNN): mask AP only.
     ZooEntry("bmask_rcnn_R_50_FPN_1x", "configs/bmask_rcnn.py:r50_fpn_1x",
              "https://1drv.ms/u/s!AiO3BIXgPy5wgQPnrfnAtiyPDPg2?e=C30spg", _AUTHORS, "COCO", None, 36.6,
-             file_name="bmask_rcnn_R_50_FPN_1x.pth", manual=True),
+             file_name="bmask_rcnn_R_50_FPN_1x.pth", manual=True,
+             license=AUTHORS_LICENSE),
     ZooEntry("bmask_rcnn_R_101_FPN_1x", "configs/bmask_rcnn.py:r101_fpn_1x",
              "https://1drv.ms/u/s!AiO3BIXgPy5wgQXy09QVGx89O3Fq?e=DzeqBx", _AUTHORS, "COCO", None, 38.0,
-             file_name="bmask_rcnn_R_101_FPN_1x.pth", manual=True),
+             file_name="bmask_rcnn_R_101_FPN_1x.pth", manual=True,
+             license=AUTHORS_LICENSE),
     ZooEntry("cascade_bmask_rcnn_R_50_FPN_1x", "configs/bmask_rcnn.py:cascade_r50_fpn_1x",
              "https://1drv.ms/u/s!AiO3BIXgPy5wgQbCmylIyL4Z4GFh?e=MNrgaD", _AUTHORS, "COCO", None, 37.5,
-             file_name="cascade_bmask_rcnn_R_50_FPN_1x.pth", manual=True),
+             file_name="cascade_bmask_rcnn_R_50_FPN_1x.pth", manual=True,
+             license=AUTHORS_LICENSE),
     ZooEntry("cascade_bmask_rcnn_R_101_FPN_1x", "configs/bmask_rcnn.py:cascade_r101_fpn_1x",
              "https://1drv.ms/u/s!AiO3BIXgPy5wgQcIpRDSMUKHVgMM?e=on6XLj", _AUTHORS, "COCO", None, 39.1,
-             file_name="cascade_bmask_rcnn_R_101_FPN_1x.pth", manual=True),
+             file_name="cascade_bmask_rcnn_R_101_FPN_1x.pth", manual=True,
+             license=AUTHORS_LICENSE),
     ZooEntry("bmask_rcnn_R_50_FPN_cityscapes", "configs/cityscapes.py:bmask_code",
              "https://1drv.ms/u/s!AiO3BIXgPy5wgQQx_gTYbpcIuOWJ?e=z9seyq", _AUTHORS, "Cityscapes", None, 36.2,
-             file_name="bmask_rcnn_R_50_FPN_cityscapes.pth", manual=True),
+             file_name="bmask_rcnn_R_50_FPN_cityscapes.pth", manual=True,
+             license=AUTHORS_LICENSE),
 ]}
 
 # ImageNet backbones (MSRA's ResNets as detectron2 converted them): what the COCO and
@@ -95,7 +121,14 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
 BACKBONES: dict[str, str] = {
     "ImageNet/MSRA/R-50": _D2 + "ImageNetPretrained/MSRA/R-50.pkl",
     "ImageNet/MSRA/R-101": _D2 + "ImageNetPretrained/MSRA/R-101.pkl",
+    # MAE's ImageNet-1k ViTs, as ViTDet starts from them (ViT-H's patch embedding converted from
+    # 14 to 16 by detectron2); their import is the "mae" kind.
+    "ImageNet/MAE/ViT-B": _D2 + "ImageNetPretrained/MAE/mae_pretrain_vit_base.pth",
+    "ImageNet/MAE/ViT-L": _D2 + "ImageNetPretrained/MAE/mae_pretrain_vit_large.pth",
+    "ImageNet/MAE/ViT-H": _D2 + "ImageNetPretrained/MAE/mae_pretrain_vit_huge_p14to16.pth",
 }
+BACKBONE_LICENSES = {"ImageNet/MSRA/R-50": D2_LICENSE, "ImageNet/MSRA/R-101": D2_LICENSE,
+                     **{f"ImageNet/MAE/ViT-{s}": MAE_LICENSE for s in "BLH"}}
 
 
 def get(name: str) -> ZooEntry:
@@ -136,14 +169,15 @@ def table() -> str:
     """The zoo as a Markdown table."""
     def ap(x):
         return "—" if x is None else f"{x:.1f}"
-    rows = ["| name | config | publisher | dataset | box AP | mask AP | file |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| name | config | publisher | dataset | box AP | mask AP | file | license |",
+            "|---|---|---|---|---|---|---|---|"]
     for e in ENTRIES.values():
         link = f"[{e.local_name}]({download.expand_url(e.url)})" + (" (browser)" if e.manual else "")
         rows.append(f"| `{e.name}` | `{e.config}` | {e.publisher} | {e.dataset} | {ap(e.box_ap)} | {ap(e.mask_ap)} "
-                    f"| {link} |")
-    rows += ["", "| backbone | file |", "|---|---|"]
-    rows += [f"| `{n}` | [{os.path.basename(u)}]({download.expand_url(u)}) |" for n, u in BACKBONES.items()]
+                    f"| {link} | {e.license} |")
+    rows += ["", "| backbone | file | license |", "|---|---|---|"]
+    rows += [f"| `{n}` | [{os.path.basename(u)}]({download.expand_url(u)}) | {BACKBONE_LICENSES[n]} |"
+             for n, u in BACKBONES.items()]
     return "\n".join(rows)
 
 
