@@ -109,24 +109,40 @@ def zeros_for(config):
             jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), abstract.get("frozen", {})))
 
 
-@pytest.mark.parametrize("spec", ["mask_rcnn:vitdet_b", "mask_rcnn:cascade_vitdet_b", "bmask_rcnn:tiny_vitdet",
-                                  "bmask_rcnn:vitdet_b"])
+@pytest.mark.parametrize("spec", ["bmask_rcnn:tiny_vitdet", "mask_rcnn:cascade_vitdet_b", "bmask_rcnn:vitdet_b"])
 def test_detectron2_vitdet_layout_imports_whole(spec):
+    """Every key lands (values checked on the small model; ViT-B's 86M zeros check shapes)."""
     config = config_lib.from_file(spec)
     shapes = d2_vitdet_shapes(config)
+    small = config.model.backbone.vit.depth < 12
     rng = np.random.default_rng(0)
-    checkpoint = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    checkpoint = {k: rng.normal(size=s).astype(np.float32) if small else np.zeros(s, np.float32)
+                  for k, s in shapes.items()}
     params, frozen = zeros_for(config)
     new_params, _, report = convert(checkpoint, params, frozen, "detectron2", spec)
     assert not report.initialised_fresh and len(report.loaded) == len(shapes)
     assert report.config_changes["model.input_format"] == "RGB"
+    if not small:
+        return
     b = new_params["backbone"]
     np.testing.assert_array_equal(b["pos_embed"], checkpoint["backbone.net.pos_embed"])
     np.testing.assert_array_equal(b["blocks_0"]["attn"]["qkv"]["kernel"],
                                   checkpoint["backbone.net.blocks.0.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(b["blocks_1"]["attn"]["rel_pos_w"], checkpoint["backbone.net.blocks.1.attn.rel_pos_w"])
     np.testing.assert_array_equal(new_params["fpn"]["simfp_2_1"]["scale"], checkpoint["backbone.simfp_2.1.weight"])
+    np.testing.assert_array_equal(new_params["fpn"]["simfp_2_0"]["kernel"],
+                                  checkpoint["backbone.simfp_2.0.weight"].transpose(2, 3, 0, 1))
     np.testing.assert_array_equal(b["patch_embed"]["Conv_0"]["kernel"],
                                   checkpoint["backbone.net.patch_embed.proj.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(new_params["rpn_head"]["conv1"]["Conv_0"]["bias"],
+                                  checkpoint["proposal_generator.rpn_head.conv.conv1.bias"])
+    np.testing.assert_array_equal(new_params["mask_head"]["downsample_norm"]["bias"],
+                                  checkpoint["roi_heads.mask_head.downsample.norm.bias"])
+    # fc1 reads conv4's (C, 7, 7) map, flattened (C, H, W) by detectron2 and (H, W, C) here.
+    c = config.model.roi_heads.conv_dims[-1]
+    w = checkpoint["roi_heads.box_head.fc1.weight"]
+    np.testing.assert_array_equal(new_params["box_head"]["fc1"]["kernel"],
+                                  w.reshape(-1, c, 7, 7).transpose(2, 3, 1, 0).reshape(49 * c, -1))
 
 
 def test_optimizer_groups_and_layer_decay_as_detectron2s_vitdet_b():
@@ -267,3 +283,32 @@ def test_mae_backbone_imports_as_detectron2s_matching_heuristics_do(tmp_path):
     np.testing.assert_array_equal(new["backbone"]["blocks_1"]["norm2"]["scale"], arrays["blocks.1.norm2.weight"])
     assert report.config_changes == {"model.input_format": "RGB", "model.pixel_mean": (123.675, 116.280, 103.530),
                                      "model.pixel_std": (58.395, 57.120, 57.375)}
+
+
+@pytest.mark.slow
+def test_vitdet_b_train_step_and_detector_lower_for_gpu_and_tpu():
+    """ViTDet-B at 1024x1024 in bf16, lowered with jax.export for CUDA and TPU (nothing
+    compiles): an op either platform cannot lower fails here, on a CPU. XLA's own kernels, as
+    model.kernels "auto" picks on those platforms."""
+    from bmask_jax.engine.optim import make_optimizer
+    from bmask_jax.engine.state import step_zero_state
+    from bmask_jax.engine.variables import dummy_batch
+    from bmask_jax.inference.export import detector_function
+    from bmask_jax.models.bmask_rcnn import BMaskRCNN
+    from bmask_jax.train import MODEL_KEYS, train_step
+
+    config = config_lib.from_file("bmask_rcnn:vitdet_b")
+    config.model.update(compute_dtype="bfloat16", kernels="xla")
+    abstract = abstract_variables(config)
+    tx = make_optimizer(config, abstract["params"])
+    state = jax.eval_shape(lambda v: step_zero_state(config, v)[0], abstract)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in dummy_batch(config, 1).items() if k in MODEL_KEYS}
+    model = BMaskRCNN(config.model)
+    step = jax.export.export(jax.jit(lambda s, b: train_step(s, b, model, tx, 0, False)),
+                             platforms=("cuda", "tpu"))(state, batch)
+    assert step.platforms == ("cuda", "tpu")
+    assert "stablehlo.dot_general" in step.mlir_module() and "custom_call @cpu" not in step.mlir_module()
+    detect = detector_function(config)
+    detector = jax.export.export(jax.jit(detect), platforms=("cuda", "tpu"))(
+        abstract, batch["image"], batch["image_hw"])
+    assert detector.platforms == ("cuda", "tpu") and len(detector.out_avals) >= 6
