@@ -3,7 +3,8 @@
 
 Variants: `shapes` (default), `tiny`; COCO from ImageNet R-50/R-101: `r50_fpn_1x`,
 `r101_fpn_1x`, `r50_fpn_3x`, `r101_fpn_3x`, `cascade_r50_fpn_1x`, `cascade_r50_fpn_3x`,
-`cascade_r101_fpn_1x` (detectron2's model zoo rows: bmask-jax zoo)."""
+`cascade_r101_fpn_1x` (detectron2's model zoo rows: bmask-jax zoo); ViTDet's COCO models
+`vitdet_b`, `vitdet_l`, `vitdet_h`, `cascade_vitdet_{b,l,h}`; `shapes_vitdet`, `tiny_vitdet`."""
 from bmask_jax import config as base_config
 
 

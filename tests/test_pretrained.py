@@ -15,7 +15,7 @@ import threading
 import jax
 import numpy as np
 import pytest
-from helpers import D2_PIXELS, d2_shapes, msra_blobs, random_d2_checkpoint, tiny_config
+from helpers import D2_PIXELS, d2_shapes, d2_vitdet_shapes, msra_blobs, random_d2_checkpoint, tiny_config
 
 from bmask_jax.weights import download, model_zoo, pretrained
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -197,10 +197,14 @@ def test_zoo_entry_config_fits_detectron2_keys(name):
     m = config.model
     assert m.mask_head.name == ("bmask" if "bmask" in name else "maskrcnn")
     assert m.roi_heads.cascade.enabled == name.startswith("cascade")
-    assert m.backbone.depth == (101 if "R_101" in name else 50)
+    if "vitdet" in name:
+        assert m.backbone.name == "vit" and m.backbone.vit.depth == {"b": 12, "l": 24, "h": 32}[name[-1]]
+    else:
+        assert m.backbone.depth == (101 if "R_101" in name else 50)
     assert m.num_classes == (8 if entry.dataset == "Cityscapes" else 80)
     params, frozen = abstract_trees(config)
-    checkpoint = dict(zero_checkpoint(d2_shapes(config)), **D2_PIXELS)
+    layout = d2_vitdet_shapes(config) if m.backbone.name == "vit" else d2_shapes(config)
+    checkpoint = dict(zero_checkpoint(layout), **D2_PIXELS)
     _, _, report = convert(checkpoint, params, frozen, "auto", name)
     assert report.kind == "detectron2" and not report.initialised_fresh
     assert sorted(report.ignored) == ["pixel_mean", "pixel_std"]

@@ -85,7 +85,7 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
     # detectron2's projects/ViTDet/README.md (COCO val): Mask R-CNN and Cascade Mask R-CNN.
     *[ZooEntry(f"{arch}_vitdet_{size}", f"configs/mask_rcnn.py:{'cascade_' if arch.startswith('cascade') else ''}"
                f"vitdet_{size}", f"{_D2}ViTDet/COCO/{arch}_vitdet_{size}/{run}/model_final_{md5}.pkl",
-               "detectron2 (ViTDet)", "COCO", box, mask, license=VITDET_LICENSE)
+               "detectron2", "COCO", box, mask, license=VITDET_LICENSE)
       for arch, size, run, md5, box, mask in [
           ("mask_rcnn", "b", "f325346929", "61ccd1", 51.6, 45.9),
           ("mask_rcnn", "l", "f325599698", "6146ed", 55.5, 49.2),
