@@ -180,7 +180,7 @@ def abstract_trees(config):
     """Our params and frozen trees of config's model, as read-only zero views (no memory)."""
     shapes = jax.eval_shape(lambda: init_variables(config, BMaskRCNN(config.model), jax.random.PRNGKey(0)))
     zeros = jax.tree_util.tree_map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), shapes)
-    return zeros["params"], zeros["frozen"]
+    return zeros["params"], zeros.get("frozen", {})
 
 
 def zero_checkpoint(shapes: dict) -> dict:
