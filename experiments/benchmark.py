@@ -45,7 +45,7 @@ from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
 from bmask_jax.models.layers import FrozenBatchNorm  # noqa: E402
 from bmask_jax.engine.optim import make_optimizer  # noqa: E402
 from bmask_jax.engine.state import create_train_state  # noqa: E402
-from bmask_jax.engine.variables import dummy_batch
+from bmask_jax.engine.variables import dummy_batch  # noqa: E402
 from bmask_jax.train import MODEL_KEYS, train_step  # noqa: E402
 
 
@@ -267,6 +267,66 @@ def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
             "inference_times_s": infer_times, "inference_detections": counts[-1], "torch_threads": threads}
 
 
+def bench_detectron2_vitdet(config, batch: int, repeats: int, threads: int, name: str) -> dict:
+    """detectron2's own ViTDet (its LazyConfig projects/ViTDet/configs/COCO/<name>.py, from its
+    newest sources on PYTHONPATH) on the same synthetic batch and thread count: a training step
+    (AdamW, stochastic depth on) and inference on one image, float32 as ours."""
+    import importlib.util
+    import types
+
+    import torch
+    if importlib.util.find_spec("detectron2._C") is None:
+        sys.modules["detectron2._C"] = types.ModuleType("detectron2._C")
+    import detectron2
+    from detectron2.config import LazyConfig, instantiate
+    from detectron2.structures import BitMasks, Boxes, Instances
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    path = os.path.join(os.path.dirname(os.path.dirname(detectron2.__file__)), "projects", "ViTDet", "configs", "COCO",
+                        f"{name}.py")
+    cfg = LazyConfig.load(path)
+    cfg.model.roi_heads.num_classes = config.model.num_classes
+    model = instantiate(cfg.model)
+    h, w = config.data.canvas_buckets[0]
+    data = synthetic_batch(config, batch)
+    inputs = []
+    for i in range(batch):
+        valid = data["gt_valid"][i]
+        boxes = torch.from_numpy(data["gt_boxes"][i][valid])
+        masks = torch.zeros((len(boxes), h, w), dtype=torch.bool)
+        for j, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[j, y1:y2, x1:x2] = True
+        inst = Instances((h, w), gt_boxes=Boxes(boxes), gt_masks=BitMasks(masks),
+                         gt_classes=torch.from_numpy(data["gt_classes"][i][valid]).long())
+        inputs.append({"image": torch.from_numpy(data["image"][i]).permute(2, 0, 1).float(), "height": h, "width": w,
+                       "instances": inst})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    model.train()
+
+    def run_step():
+        loss = sum(model(inputs).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    train_times = timed(run_step, repeats)
+    model.eval()
+    model.roi_heads.box_predictor.test_score_thresh = config.model.roi_heads.score_threshold
+    model.roi_heads.box_predictor.test_topk_per_image = config.model.roi_heads.detections_per_image
+    one = [{k: inputs[0][k] for k in ("image", "height", "width")}]
+    counts = []
+
+    def run_infer():
+        with torch.no_grad():
+            counts.append(len(model(one)[0]["instances"]))
+
+    infer_times = timed(run_infer, repeats)
+    return {"train_step_s": statistics.median(train_times), "train_images_per_s": batch / statistics.median(train_times),
+            "inference_latency_s": statistics.median(infer_times), "train_times_s": train_times,
+            "inference_times_s": infer_times, "inference_detections": counts[-1], "torch_threads": threads,
+            "config": path}
+
+
 def train_step_memory(config, per_device_batch: int, compute_dtype: str, kernels: str = "xla") -> dict:
     """XLA's memory analysis of the train step compiled for one device at `per_device_batch`:
     what each chip of a data-parallel run needs (parameters and optimizer state are
@@ -354,6 +414,9 @@ def main():
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every config, e.g. model.roi_heads.foreground_buckets=()")
     p.add_argument("--torchvision", action="store_true", help="also time torchvision's R50-FPN Mask R-CNN (a like-for-like comparison for the first config if it is R50-FPN)")
+    p.add_argument("--detectron2_vitdet", default="", metavar="NAME",
+                   help="also time detectron2's own ViTDet, its LazyConfig projects/ViTDet/configs/COCO/NAME.py "
+                        "(e.g. mask_rcnn_vitdet_b_100ep; its newest sources on PYTHONPATH), against the first config")
     p.add_argument("--kernels", default="",
                    help="comma-separated model.kernels choices (xla,cpu): each config is measured with each")
     p.add_argument("--memory", action="store_true",
@@ -423,6 +486,13 @@ def main():
         except ImportError as e:
             result["torchvision"] = {"error": f"torchvision not importable: {e}"}
             print(result["torchvision"]["error"])
+    if args.detectron2_vitdet:
+        d2 = result["detectron2"] = bench_detectron2_vitdet(configs[0], args.batch, args.repeats, threads,
+                                                            args.detectron2_vitdet)
+        r = result["ratios_first_over_detectron2"] = ratios(first, d2)
+        print(f"detectron2 {args.detectron2_vitdet}: train step {d2['train_step_s']:.3f} s, inference "
+              f"{d2['inference_latency_s']:.3f} s/img, {d2['inference_detections']} detections")
+        print(f"{specs[0]} / detectron2: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
     result["peak_host_memory_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"peak host memory {result['peak_host_memory_gb']:.1f} GB")
     save()
