@@ -298,11 +298,14 @@ def vitdet(c: ml_collections.ConfigDict, size: str = "b") -> ml_collections.Conf
     ViT on one 1024x1024 canvas (test images resized to a longer side of 1024), the simple
     feature pyramid, a 2-conv RPN head, the 4conv1fc box head and LayerNorm in the heads; RGB
     with ImageNet mean/std. Training: AdamW at lr 1e-4 for batch 64, weight decay 0.1 (none on
-    norms), warmup 250 iterations from 0.001."""
+    norms and pos_embed), layer-wise lr decay, warmup 250 iterations from 0.001; bfloat16 compute
+    (detectron2 trains it with AMP), from MAE's ImageNet ViT."""
     coco(c)
     dim, depth, heads, drop_path, global_blocks, layer_decay = VIT_SIZES[size]
     c.model.weights = f"ImageNet/MAE/ViT-{size.upper()}"      # MAE's ImageNet ViT, as ViTDet starts
-    c.model.update(input_format="RGB", pixel_mean=(123.675, 116.280, 103.530), pixel_std=(58.395, 57.120, 57.375))
+    # bf16 compute with f32 parameters and losses, as detectron2 trains ViTDet with AMP.
+    c.model.update(input_format="RGB", pixel_mean=(123.675, 116.280, 103.530), pixel_std=(58.395, 57.120, 57.375),
+                   compute_dtype="bfloat16")
     c.model.backbone.update(name="vit", norm="", freeze_at=0)
     c.model.backbone.vit.update(embed_dim=dim, depth=depth, num_heads=heads, drop_path_rate=drop_path,
                                 global_blocks=global_blocks)

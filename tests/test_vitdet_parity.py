@@ -112,7 +112,7 @@ def test_same_detections_as_detectron2_vitdet(tmp_path, name, variant):
     path = os.path.join(tmp_path, "model_final.pth")
     torch.save({"model": model.state_dict()}, path)
     config = config_lib.from_file(f"configs/mask_rcnn.py:{variant}")
-    config.model.num_classes = NUM_CLASSES
+    config.model.update(num_classes=NUM_CLASSES, compute_dtype="float32")     # detectron2's eval runs float32
     config.model.roi_heads.update(sampling_ratio=0, max_adaptive_samples=0, topk_candidates=1000 * NUM_CLASSES)
     config.eval.batch_size = 1
     report, _ = weights.import_weights(config, path, str(tmp_path / "ours"), kind="detectron2")
