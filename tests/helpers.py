@@ -308,3 +308,29 @@ def write_cityscapes_from_shapes(root, counts=None, image_size=(64, 128)) -> dic
             Image.fromarray(label_ids).save(os.path.join(root, "gtFine", split, city, f"{stem}_gtFine_labelIds.png"))
             written[split].append(gt)
     return written
+
+
+def assert_same_detections(ours: dict, theirs: dict, label: str = "") -> dict:
+    """detectron2's detections (boxes, scores, classes, masks) against ours: each of theirs is
+    paired with ours of the same class and nearest box (the score order alone is ambiguous
+    where two scores agree to float precision); classes equal, scores within 1e-4, boxes within
+    0.02 px, every mask IoU above 0.98. Returns (and prints) the differences measured."""
+    n = len(theirs["scores"])
+    assert len(ours["scores"]) == n, (len(ours["scores"]), n)
+    cost = np.abs(ours["boxes"][:, None] - theirs["boxes"][None]).max(-1)
+    cost[ours["classes"][:, None] != theirs["classes"][None]] = np.inf
+    pair = np.argmin(cost, axis=0)
+    assert len(set(pair.tolist())) == n, "two of their detections pair with the same one of ours"
+    mo, mt = ours["masks"][pair], theirs["masks"]
+    union = (mo | mt).reshape(n, -1).sum(1)
+    iou = np.where(union > 0, (mo & mt).reshape(n, -1).sum(1) / np.maximum(union, 1), 1.0)
+    figures = {"detections": n, "max_score_diff": float(np.abs(ours["scores"][pair] - theirs["scores"]).max()),
+               "max_box_diff_px": float(np.abs(ours["boxes"][pair] - theirs["boxes"]).max()),
+               "min_mask_iou": float(iou.min()), "mask_pixels_differing": int((mo ^ mt).sum()),
+               "mask_pixels": int(mt.sum())}
+    print(label, figures)
+    np.testing.assert_array_equal(ours["classes"][pair], theirs["classes"])
+    np.testing.assert_allclose(ours["scores"][pair], theirs["scores"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours["boxes"][pair], theirs["boxes"], atol=0.02)
+    assert iou.min() > 0.98, iou
+    return figures

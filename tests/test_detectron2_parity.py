@@ -44,6 +44,7 @@ from bmask_jax.data.transforms import prepare_example  # noqa: E402
 from bmask_jax.evaluation.evaluate import make_detector  # noqa: E402
 from bmask_jax.ops.postprocess import postprocess  # noqa: E402
 from bmask_jax.engine.variables import restore_variables  # noqa: E402
+from helpers import assert_same_detections  # noqa: E402
 
 NUM_CLASSES = 5
 SHORT, MAX_SIZE = 320, 512
@@ -194,19 +195,4 @@ def test_same_detections_as_detectron2(tmp_path, cascade, sampling_ratio):
     assert not report.initialised_fresh, report
     ours = our_detect(config, restore_variables(config, str(tmp_path / "ours")), image)
 
-    n = len(theirs["scores"])
-    assert len(ours["scores"]) == n
-    # Pair each of their detections with ours of the same class and nearest box (the score
-    # order alone is ambiguous where two scores agree to float precision).
-    cost = np.abs(ours["boxes"][:, None] - theirs["boxes"][None]).max(-1)
-    cost[ours["classes"][:, None] != theirs["classes"][None]] = np.inf
-    pair = np.argmin(cost, axis=0)
-    assert len(set(pair.tolist())) == n, "two of their detections pair with the same one of ours"
-    np.testing.assert_array_equal(ours["classes"][pair], theirs["classes"])
-    np.testing.assert_allclose(ours["scores"][pair], theirs["scores"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ours["boxes"][pair], theirs["boxes"], atol=0.02)
-    mo, mt = ours["masks"][pair], theirs["masks"]
-    inter = (mo & mt).reshape(n, -1).sum(1)
-    union = (mo | mt).reshape(n, -1).sum(1)
-    iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-    assert iou.min() > 0.98, iou
+    assert_same_detections(ours, theirs, f"cascade={cascade} sampling_ratio={sampling_ratio}")

@@ -38,6 +38,7 @@ from bmask_jax.data.transforms import prepare_example  # noqa: E402
 from bmask_jax.engine.variables import restore_variables  # noqa: E402
 from bmask_jax.evaluation.evaluate import make_detector  # noqa: E402
 from bmask_jax.ops.postprocess import postprocess  # noqa: E402
+from helpers import assert_same_detections  # noqa: E402
 
 NUM_CLASSES = 5
 SOURCES = os.path.dirname(os.path.dirname(detectron2.__file__))
@@ -124,19 +125,4 @@ def test_same_detections_as_detectron2_vitdet(tmp_path, name, variant):
     det = jax.device_get(make_detector(config)(variables, {k: ex[k][None] for k in ("image", "image_hw")}))
     ours = postprocess(det, 0, ex["scale"], ex["orig_hw"], config.eval.mask_threshold)
 
-    n = len(theirs["scores"])
-    assert len(ours["scores"]) == n
-    cost = np.abs(ours["boxes"][:, None] - theirs["boxes"][None]).max(-1)
-    cost[ours["classes"][:, None] != theirs["classes"][None]] = np.inf
-    pair = np.argmin(cost, axis=0)
-    assert len(set(pair.tolist())) == n, "two of their detections pair with the same one of ours"
-    np.testing.assert_array_equal(ours["classes"][pair], theirs["classes"])
-    score_err = np.abs(ours["scores"][pair] - theirs["scores"])
-    box_err = np.abs(ours["boxes"][pair] - theirs["boxes"])
-    mo, mt = ours["masks"][pair], theirs["masks"]
-    iou = (mo & mt).reshape(n, -1).sum(1) / np.maximum((mo | mt).reshape(n, -1).sum(1), 1)
-    print(f"{name}: {n} detections, max score diff {score_err.max():.2e}, max box diff {box_err.max():.4f} px, "
-          f"min mask IoU {iou.min():.4f}, mask pixels differing {int((mo ^ mt).sum())} of {int(mt.sum())}")
-    np.testing.assert_allclose(ours["scores"][pair], theirs["scores"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(ours["boxes"][pair], theirs["boxes"], atol=0.02)
-    assert iou.min() > 0.98, iou
+    assert_same_detections(ours, theirs, name)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from bmask_jax.models import losses
-from bmask_jax.models.layers import Conv, make_norm, normal, xavier_fill
+from bmask_jax.models.layers import conv_norm_relu, normal, xavier_fill
 from bmask_jax.ops import boxes as box_ops
 from bmask_jax.ops.matching import match
 from bmask_jax.ops.nms import nms
@@ -30,8 +30,7 @@ class BoxHead(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i, dim in enumerate(self.conv_dims):
-            x = Conv(dim, 3, use_bias=not self.conv_norm, dtype=self.dtype, name=f"conv{i + 1}")(x)
-            x = nn.relu(make_norm(self.conv_norm, dtype=self.dtype, name=f"conv{i + 1}_norm")(x))
+            x = conv_norm_relu(x, dim, 3, 1, self.conv_norm, f"conv{i + 1}", self.dtype)
         x = x.reshape(x.shape[0], -1)
         for i in range(self.num_fc):
             x = nn.relu(nn.Dense(self.fc_dim, kernel_init=xavier_fill, dtype=self.dtype,

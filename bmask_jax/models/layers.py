@@ -40,6 +40,13 @@ class Conv(nn.Module):
                        conv_general_dilated=cpu_kernels.conv_general_dilated)(x)
 
 
+def conv_norm_relu(x, features: int, kernel: int, stride: int, norm: str, name: str, dtype):
+    """Inside a module's compact call: conv `name` (a bias only without a norm), the norm
+    `<name>_norm` and ReLU, as detectron2's Conv2d(norm=..., activation=ReLU) in its heads."""
+    x = Conv(features, kernel, stride, use_bias=not norm, dtype=dtype, name=name)(x)
+    return nn.relu(make_norm(norm, dtype=dtype, name=f"{name}_norm")(x))
+
+
 class Deconv2x(nn.Module):
     """2x2 stride-2 transposed conv (ConvTranspose2d(k=2, s=2)):
     out[2i+a, 2j+b] = x[i, j] @ kernel[a, b], kernel[a, b, c_in, c_out] = torch_weight[c_in, c_out, a, b]."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bmask_jax.models import losses
-from bmask_jax.models.layers import Conv, Deconv2x, make_norm, msra_fill, normal, xavier_fill
+from bmask_jax.models.layers import Conv, Deconv2x, conv_norm_relu, msra_fill, normal, xavier_fill
 from bmask_jax.ops.boundaries import boundary_targets
 from bmask_jax.ops.roi_align import bilinear_crop
 
@@ -30,13 +30,6 @@ class MaskPredictor(nn.Module):
         x = Conv(self.num_classes, 1, kernel_init=normal(0.001), dtype=self.dtype,
                  name=self.predictor_name)(x)
         return x.astype(jnp.float32)
-
-
-def conv_norm_relu(x, features: int, kernel: int, stride: int, norm: str, name: str, dtype):
-    """Inside a module's compact call: conv `name` (bias only without a norm), the norm
-    `<name>_norm` and ReLU, as detectron2's Conv2d(norm=..., activation=ReLU)."""
-    x = Conv(features, kernel, stride, use_bias=not norm, dtype=dtype, name=name)(x)
-    return nn.relu(make_norm(norm, dtype=dtype, name=f"{name}_norm")(x))
 
 
 class MaskRCNNHead(nn.Module):
