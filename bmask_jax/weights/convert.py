@@ -121,8 +121,8 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
             notes.append("the checkpoint stores no pixel_mean: assumed detectron2's defaults "
                          "(BGR, MSRA mean, std 1, stride_in_1x1=True)")
     if kind == "mae":
-        pass                                  # a ViT: no norm of model.backbone.norm's
-    elif kind != "detectron2" or any(k.endswith("norm.running_mean") for k in checkpoint):
+        return changes, notes                 # a ViT: model.backbone.norm does not apply
+    if kind != "detectron2" or any(k.endswith("norm.running_mean") for k in checkpoint):
         changes["model.backbone.norm"] = "FrozenBN"
     elif any(re.fullmatch(r"backbone\.bottom_up\..*norm\.weight", k) for k in checkpoint):
         changes["model.backbone.norm"] = "GN"
