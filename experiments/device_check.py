@@ -1,21 +1,22 @@
 """A GPU check in one command (issue 11, item 5): train and inference speed, compile times and
 memory of our R50-FPN Mask R-CNN and BMask R-CNN at 800x1344 in bfloat16, beside torchvision's
-maskrcnn_resnet50_fpn on the same chip. It is budgeted to finish in 8 minutes on one
-H100/H200-class GPU, compiles included, and rewrites its JSON after every stage, so that a
-timeout loses nothing measured.
+maskrcnn_resnet50_fpn on the same chip, then BMask R-CNN on ViTDet-B at 1024x1024 (issue 28).
+It starts no stage after 8 minutes on one H100/H200-class GPU, compiles included (the last
+may run on: give it 10), and rewrites its JSON after every stage, so that a timeout loses
+nothing measured.
 
 On a GPU machine that has Python 3.12, jax with its CUDA plugin, flax, optax, orbax-checkpoint,
 torch and torchvision but no network, fetch the other wheels here first, into an ignored folder
 that travels with the checkout (`experiments/device_wheels.sh build/wheels`), then run there:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site build/wheels/*.whl && \
-        PYTHONPATH=/tmp/site:. timeout 480 python3 experiments/device_check.py \
+        PYTHONPATH=/tmp/site:. timeout 590 python3 experiments/device_check.py \
         --out $OUT/device_check.json
 
 On the CPU, in seconds, with the tiny configs:   python experiments/device_check.py --smoke
 
 What it measures:
-  train        per-chip batch 2 and 8 (global batch = per-chip batch x jax.device_count(),
+  train        per-chip batch 2 and 8, ViTDet-B 1 and 2 (global batch = per-chip batch x jax.device_count(),
                sharded over bmask_jax.engine.sharding's 'data' mesh with the state replicated and
                donated, as bmask_jax/train.py does): step time (median of --repeats after one
                warm-up), images/s, compile time, XLA's compiled memory analysis (memory_of in
@@ -81,16 +82,21 @@ from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.engine.state import create_train_state
 from bmask_jax.train import MODEL_KEYS, train_step
 
-MODELS = {"mask_rcnn": "configs/mask_rcnn.py", "bmask_rcnn": "configs/bmask_rcnn.py"}
+# name: (config file, variant of the GPU check, variant of --smoke)
+MODELS = {"mask_rcnn": ("configs/mask_rcnn.py", "r50_fpn_1x", "tiny"),
+          "bmask_rcnn": ("configs/bmask_rcnn.py", "r50_fpn_1x", "tiny"),
+          "bmask_vitdet_b": ("configs/bmask_rcnn.py", "vitdet_b", "tiny_vitdet")}
+CLASSIC = ("mask_rcnn", "bmask_rcnn")     # the R50-FPN pair that the ratios and torchvision compare
 GIB = 2.0 ** 30
 
 
 def mode_settings(smoke: bool) -> dict:
-    """The config variant, per-chip batches, timed repeats and time budget of a run: the R50-FPN
-    check for one GPU, or the tiny configs on the CPU (seconds) for --smoke."""
+    """The per-chip batches, timed repeats and time budget of a run: the R50-FPN and ViTDet-B
+    check for one GPU, or the tiny configs on the CPU (seconds) for --smoke. ViTDet-B trains on
+    its 1024x1024 canvas at 1 and 2 images a chip (detectron2 trains it at one a GPU)."""
     if smoke:
-        return {"variant": "tiny", "batches": [1, 2], "repeats": 1, "budget_s": 0.0}
-    return {"variant": "r50_fpn_1x", "batches": [2, 8], "repeats": 5, "budget_s": 400.0}
+        return {"smoke": True, "batches": [1, 2], "vitdet_batches": [1], "repeats": 1, "budget_s": 0.0}
+    return {"smoke": False, "batches": [2, 8], "vitdet_batches": [1, 2], "repeats": 5, "budget_s": 480.0}
 
 
 def prepare_config(spec: str, dtype: str, kernels: str = "auto"):
@@ -342,7 +348,7 @@ def torchvision_child(request: dict, out: str) -> None:
 
 def run_torchvision(mode: str, spec: str, settings: dict, timeout_s: float) -> dict:
     """Runs torchvision_child in a subprocess and returns its results, or why there are none."""
-    if mode == "no" or (mode == "auto" and settings["variant"] == "tiny"):
+    if mode == "no" or (mode == "auto" and settings["smoke"]):
         return {"skipped": "not asked for (--torchvision no, or a smoke run without --torchvision yes)"}
     request = {"spec": spec, "batches": settings["batches"], "repeats": settings["repeats"],
                "require_cuda": mode == "auto"}
@@ -381,7 +387,7 @@ def ratios(result: dict) -> dict:
         if ("bmask_rcnn", batch) in train and ours:
             out[f"bmask_over_mask_train_step_b{batch}"] = train[("bmask_rcnn", batch)]["step_s"] / ours["step_s"]
     infer = {r["model"]: r for r in result["inference"]}
-    if len(infer) == 2:
+    if "bmask_rcnn" in infer and "mask_rcnn" in infer:
         out["bmask_over_mask_inference"] = infer["bmask_rcnn"]["ms_per_image"] / infer["mask_rcnn"]["ms_per_image"]
         out["bmask_over_mask_inference_device_only"] = (
             infer["bmask_rcnn"]["device_ms_per_image"] / infer["mask_rcnn"]["device_ms_per_image"])
@@ -431,8 +437,10 @@ def header(args, settings: dict) -> dict:
     return {"mode": "smoke" if args.smoke else "full", "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "backend": jax.default_backend(), "device_kind": devices[0].device_kind,
             "device_count": len(devices), "devices": [str(d) for d in devices],
-            "configs": {name: f"{path}:{settings['variant']}" for name, path in MODELS.items()},
+            "configs": {name: f"{path}:{smoke if settings['smoke'] else full}"
+                        for name, (path, full, smoke) in MODELS.items()},
             "compute_dtype": args.dtype, "kernels": args.kernels, "per_chip_batches": settings["batches"],
+            "vitdet_per_chip_batches": settings["vitdet_batches"],
             "repeats": settings["repeats"],
             "compilation_cache": os.environ.get("BMASK_JAX_CACHE"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "budget_s": settings["budget_s"],
@@ -443,7 +451,8 @@ def stages(result: dict, args, settings: dict, mesh) -> list[tuple[str, Callable
     """The run in order, smallest batch first (JAX's peak memory never goes down): inference
     (on the calibrated weights, before any training step moves them), train at the first batch,
     torchvision at every batch (its own process: the train images/s ratio is in before the
-    larger batches compile), then train at the other batches."""
+    larger batches compile), then train at the other batches; ViTDet-B last (inference, then
+    its batches), so that a budget cut leaves the R50-FPN comparison whole."""
     subjects: dict[str, Subject] = {}
 
     def subject(name: str) -> Subject:
@@ -478,11 +487,14 @@ def stages(result: dict, args, settings: dict, mesh) -> list[tuple[str, Callable
               flush=True)
 
     first, *rest = settings["batches"]
-    out = [(f"inference {name}", functools.partial(infer, name)) for name in MODELS]
-    out += [(f"train {name} {first}/chip", functools.partial(train, name, first)) for name in MODELS]
+    out = [(f"inference {name}", functools.partial(infer, name)) for name in CLASSIC]
+    out += [(f"train {name} {first}/chip", functools.partial(train, name, first)) for name in CLASSIC]
     out.append(("torchvision", torchvision))
     for batch in rest:
-        out += [(f"train {name} {batch}/chip", functools.partial(train, name, batch)) for name in MODELS]
+        out += [(f"train {name} {batch}/chip", functools.partial(train, name, batch)) for name in CLASSIC]
+    out.append(("inference bmask_vitdet_b", functools.partial(infer, "bmask_vitdet_b")))
+    out += [(f"train bmask_vitdet_b {batch}/chip", functools.partial(train, "bmask_vitdet_b", batch))
+            for batch in settings["vitdet_batches"]]
     return out
 
 
@@ -495,6 +507,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernels", default="auto", help="model.kernels, where the config has the key")
     p.add_argument("--repeats", type=int, help="timed runs after one warm-up (default 5; smoke 1)")
     p.add_argument("--batches", type=int, nargs="+", help="per-chip train batches (default 2 8; smoke 1 2)")
+    p.add_argument("--vitdet_batches", type=int, nargs="*",
+                   help="ViTDet-B's per-chip train batches (default 1 2; smoke 1; none: no ViTDet train rows)")
     p.add_argument("--budget_s", type=float,
                    help="start no new stage after this many seconds, 0 for none (default 400; smoke 0)")
     p.add_argument("--torchvision", choices=("auto", "yes", "no"), default="auto",
@@ -513,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if os.environ.get("BMASK_JAX_CACHE"):
         jax.config.update("jax_compilation_cache_dir", os.environ["BMASK_JAX_CACHE"])
     settings = mode_settings(args.smoke)
-    for key in ("repeats", "batches", "budget_s"):
+    for key in ("repeats", "batches", "vitdet_batches", "budget_s"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     result = header(args, settings)

@@ -1,5 +1,6 @@
 """experiments/device_check.py --smoke runs on the CPU (tiny configs) and writes every row the
-GPU check reports: train at both per-chip batches for both models, inference, compile times.
+GPU check reports: train and inference of Mask R-CNN, BMask R-CNN and BMask ViTDet (tiny_vitdet
+in a smoke run, ViTDet-B on the GPU), compile times.
 It runs as a subprocess, as on the GPU machine, with the tests' persistent compilation cache
 (BMASK_JAX_CACHE, as tests/conftest.py), so that a rerun skips XLA's compiles."""
 import json
@@ -10,7 +11,7 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS = ("mask_rcnn", "bmask_rcnn")
+MODELS = ("mask_rcnn", "bmask_rcnn", "bmask_vitdet_b")
 
 
 def _positive(x) -> bool:
@@ -29,6 +30,7 @@ def test_smoke_writes_every_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["mode"] == "smoke" and result["backend"] == "cpu" and result["per_chip_batches"] == [1]
+    assert result["configs"]["bmask_vitdet_b"] == "configs/bmask_rcnn.py:tiny_vitdet"
     assert not result["skipped_stages"] and not result["errors"]
 
     train = {(r["model"], r["per_chip_batch"]): r for r in result["train"]}
