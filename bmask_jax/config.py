@@ -47,7 +47,8 @@ def base() -> ml_collections.ConfigDict:
         window_size=14, global_blocks=(2, 5, 8, 11),   # window attention in every other block
         drop_path_rate=0.1,                  # stochastic depth, rising linearly to this at the top
         pretrain_img_size=224, pretrain_use_cls_token=True,   # the position table's own grid
-        pyramid_norm="LN"))
+        pyramid_norm="LN",
+        remat=False))                        # recompute blocks in the backward pass (less memory)
     m.fpn = ml_collections.ConfigDict(dict(channels=256))
     m.anchors = ml_collections.ConfigDict(dict(
         sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), strides=(4, 8, 16, 32, 64),

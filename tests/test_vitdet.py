@@ -95,6 +95,66 @@ def test_attention_with_relative_positions_against_brute_force():
     np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_and_gelu_values_and_gradients_are_the_formulas(dtype):
+    """layers.softmax / gelu against jax.nn's, values and gradients (JAX differentiating the
+    formulas), in float32 and with a bfloat16 output."""
+    from bmask_jax.models import layers
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 7)) * 3, jnp.float32)
+    g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+
+    def ours(fn):
+        return lambda t: jnp.sum(fn(t).astype(jnp.float32) * g)
+
+    for mine, theirs in ((lambda t: layers.softmax(t, dtype), lambda t: jax.nn.softmax(t, axis=-1).astype(dtype)),
+                         (lambda t: layers.gelu(t.astype(dtype)), lambda t: jax.nn.gelu(t.astype(dtype), False))):
+        np.testing.assert_allclose(np.asarray(mine(x), np.float32), np.asarray(theirs(x), np.float32), **tol)
+        np.testing.assert_allclose(jax.grad(ours(mine))(x), jax.grad(ours(theirs))(x), **tol)
+
+
+def test_a_global_block_keeps_one_attention_map_for_its_gradient():
+    """What the backward pass of a global ViT block keeps: one [heads, tokens, tokens] array
+    (the softmax's output, in the compute dtype), where jax.nn.softmax's formula kept two (and
+    a float32 one beside its bfloat16 copy under bfloat16), and two MLP-wide arrays, where the
+    erf GELU's formula kept four. With remat, only the block's input."""
+    import contextlib
+    import io
+    import re
+    from jax.ad_checkpoint import print_saved_residuals     # its list, printed (the only public form)
+    x = jnp.zeros((1, 64, 64, 3))
+
+    def kept(dtype, remat):
+        model = vit.ViT(embed_dim=32, depth=1, num_heads=2, patch_size=4, img_size=64, global_blocks=(0,),
+                        drop_path_rate=0.0, pretrain_img_size=64, dtype=dtype, remat=remat)
+        params = model.init(jax.random.PRNGKey(0), x)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            print_saved_residuals(lambda p: jnp.sum(model.apply(p, x).astype(jnp.float32)), params)
+        lines = [line for line in printed.getvalue().splitlines() if "argument" not in line]
+        return [(kind, tuple(int(d) for d in dims.split(",") if d))
+                for kind, dims in (re.match(r"(\w+)\[([\d,]*)\]", line).groups() for line in lines)]
+
+    for dtype, kind in ((jnp.float32, "f32"), (jnp.bfloat16, "bf16")):
+        shapes = kept(dtype, False)
+        assert [k for k, s in shapes if s == (2, 256, 256)] == [kind], shapes
+        assert sum(s == (1, 16, 16, 128) for _, s in shapes) == 2, shapes
+    assert [s for _, s in kept(jnp.float32, True) if np.prod(s) > 16 * 16 and s != x.shape] == [(1, 16, 16, 32)]
+
+
+def test_remat_gives_the_same_gradients():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 64, 64, 3)), jnp.float32)
+    grads = []
+    for remat in (False, True):
+        model = vit.ViT(embed_dim=32, depth=2, num_heads=2, patch_size=4, img_size=64, window_size=4,
+                        global_blocks=(1,), drop_path_rate=0.2, pretrain_img_size=64, remat=remat)
+        params = model.init(jax.random.PRNGKey(0), x)
+        grads.append(jax.grad(lambda p: jnp.sum(model.apply(p, x, True, rngs={"sampling": jax.random.PRNGKey(2)})
+                                                ** 2))(params))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *grads)
+
+
 def test_windows_pad_and_come_back():
     x = jnp.arange(2 * 5 * 7 * 3, dtype=jnp.float32).reshape(2, 5, 7, 3)
     windows, padded = vit.window_partition(x, 4)

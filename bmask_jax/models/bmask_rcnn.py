@@ -74,7 +74,7 @@ class BMaskRCNN(nn.Module):
             v = b.vit
             self.backbone = ViT(v.embed_dim, v.depth, v.num_heads, v.patch_size, v.img_size, v.window_size,
                                 tuple(v.global_blocks), v.mlp_ratio, v.drop_path_rate, v.pretrain_img_size,
-                                v.pretrain_use_cls_token, dtype)
+                                v.pretrain_use_cls_token, dtype, v.remat)
         else:
             raise ValueError(f"model.backbone.name must be 'resnet', 'hrnet' or 'vit', got {b.name!r}")
         # ViTDet's simple feature pyramid on the ViT's last map; the FPN on the others' stages.

@@ -1,8 +1,11 @@
 """Building blocks shared by the model files: convs with detectron2's initialisers and
-explicit padding, FrozenBN, GroupNorm, and the 2x2 stride-2 transposed conv. Which kernels
-run them (XLA's own, or the XLA:CPU routes) is cpu_kernels' business."""
+explicit padding, FrozenBN, GroupNorm, the 2x2 stride-2 transposed conv, and a softmax and GELU
+that keep one array for their gradient. Which kernels run them (XLA's own, or the XLA:CPU
+routes) is cpu_kernels' business."""
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -15,6 +18,50 @@ from bmask_jax.models import cpu_kernels
 msra_fill = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 # c2_xavier_fill: kaiming uniform with a=1, i.e. uniform with variance 1 / fan_in.
 xavier_fill = jax.nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+
+
+def softmax(x: jnp.ndarray, dtype: Any = None) -> jnp.ndarray:
+    """jax.nn.softmax over the last axis, computed in x's precision and returned in `dtype`
+    (default x's), whose gradient keeps only that output (PyTorch keeps one too). JAX
+    differentiates jax.nn.softmax's formula unless the global flag jax_softmax_custom_jvp is
+    set, and then keeps both exp(x) and the quotient: two [heads, tokens, tokens] arrays per
+    attention layer, 0.75 GiB each in a global ViT-B block at 1024x1024; under bfloat16 compute
+    a float32 output and its bfloat16 copy for the next matmul would both be kept."""
+    return _softmax(x, jnp.dtype(x.dtype), jnp.dtype(dtype or x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _softmax(x, wide, dtype):
+    unnormalized = jnp.exp(x - x.max(axis=-1, keepdims=True))
+    return (unnormalized / unnormalized.sum(axis=-1, keepdims=True)).astype(dtype)
+
+
+def _softmax_forward(x, wide, dtype):
+    y = _softmax(x, wide, dtype)
+    return y, y                  # a vjp, not a jvp: the output is all that is kept
+
+
+def _softmax_backward(wide, dtype, y, dy):
+    y, dy = y.astype(wide), dy.astype(wide)
+    return (y * (dy - (y * dy).sum(axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_forward, _softmax_backward)
+
+
+@jax.custom_jvp
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+    """The exact (erf) GELU, torch's nn.GELU, whose gradient keeps one array, GELU'(x); JAX's
+    own derivative of the formula keeps four arrays of x's size (a ViT MLP's widest)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return gelu(x), dx * (cdf + x * pdf).astype(x.dtype)
 
 
 def normal(std: float):

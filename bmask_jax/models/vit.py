@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmask_jax.models.layers import Conv, Deconv2x, make_norm
+from bmask_jax.models.layers import Conv, Deconv2x, gelu, make_norm, softmax
 
 LN_EPS = 1e-6                        # ViTDet's nn.LayerNorm(eps=1e-6) and detectron2's LayerNorm
 trunc_normal = jax.nn.initializers.truncated_normal(0.02)
@@ -144,7 +144,7 @@ class Attention(nn.Module):
             rel_w = jnp.einsum("bhwc,wkc->bhwk", r_q, relative_embeddings(w, w, table_w))
             attn = (attn.reshape(-1, h, w, h, w) + rel_h[:, :, :, :, None]
                     + rel_w[:, :, :, None, :]).reshape(-1, h * w, h * w)
-        attn = jax.nn.softmax(attn, axis=-1).astype(v.dtype)
+        attn = softmax(attn, v.dtype)
         out = jnp.einsum("nqk,nkc->nqc", attn, v).reshape(b, self.num_heads, h, w, hd)
         out = out.transpose(0, 2, 3, 1, 4).reshape(b, h, w, dim)
         return nn.Dense(dim, kernel_init=trunc_normal, dtype=self.dtype, name="proj")(out)
@@ -158,7 +158,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         y = nn.Dense(self.hidden, kernel_init=trunc_normal, dtype=self.dtype, name="fc1")(x)
-        y = nn.gelu(y, approximate=False)
+        y = gelu(y)
         return nn.Dense(x.shape[-1], kernel_init=trunc_normal, dtype=self.dtype, name="fc2")(y)
 
 
@@ -227,6 +227,9 @@ class ViT(nn.Module):
     pretrain_img_size: int = 224
     pretrain_use_cls_token: bool = True
     dtype: Any = jnp.float32
+    # Recompute each block in the backward pass instead of keeping its activations (detectron2's
+    # use_act_checkpoint): training memory falls to about one block's, for one more forward.
+    remat: bool = False
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -238,10 +241,11 @@ class ViT(nn.Module):
         x = x + absolute_embeddings(pos, self.pretrain_use_cls_token, x.shape[1:3]).astype(x.dtype)
         tokens = self.img_size // p
         rates = np.linspace(0.0, self.drop_path_rate, self.depth)     # stochastic depth rises linearly
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block     # (self, x, train)
         for i in range(self.depth):
             window = 0 if i in tuple(self.global_blocks) else self.window_size
             size = (window, window) if window else (tokens, tokens)
-            x = Block(self.num_heads, self.mlp_ratio, window, size, float(rates[i]), self.dtype,
+            x = block(self.num_heads, self.mlp_ratio, window, size, float(rates[i]), self.dtype,
                       name=f"blocks_{i}")(x, train)
         return x
 
@@ -265,7 +269,7 @@ class SimpleFeaturePyramid(nn.Module):
             if scale == 4.0:
                 y = Deconv2x(dim // 2, self.dtype, name=f"simfp_{stage}_0")(y)
                 y = make_norm(self.norm, dtype=self.dtype, name=f"simfp_{stage}_1")(y)
-                y = nn.gelu(y, approximate=False)
+                y = gelu(y)
                 y = Deconv2x(dim // 4, self.dtype, name=f"simfp_{stage}_3")(y)
                 index = 4
             elif scale == 2.0:
