@@ -280,6 +280,7 @@ def bench_detectron2_vitdet(config, batch: int, repeats: int, threads: int, name
     import detectron2
     from detectron2.config import LazyConfig, instantiate
     from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     path = os.path.join(os.path.dirname(os.path.dirname(detectron2.__file__)), "projects", "ViTDet", "configs", "COCO",
@@ -304,7 +305,8 @@ def bench_detectron2_vitdet(config, batch: int, repeats: int, threads: int, name
     model.train()
 
     def run_step():
-        loss = sum(model(inputs).values())
+        with EventStorage(0):                  # detectron2's losses log into one, as its trainer does
+            loss = sum(model(inputs).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
