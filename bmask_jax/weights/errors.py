@@ -1,4 +1,4 @@
-"""The weight importer's two errors."""
+"""The weight importer's errors."""
 from __future__ import annotations
 
 import pickle
@@ -10,3 +10,7 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 class WeightImportError(ValueError):
     """The checkpoint does not fit the model (missing, unexpected, mis-shaped keys...)."""
+
+
+class DamagedWeightsError(WeightImportError):
+    """A weight file that cannot be parsed: cut short, or its bytes damaged."""

@@ -20,8 +20,9 @@ import logging
 import os
 from typing import Any
 
-from bmask_jax.weights import model_zoo
+from bmask_jax.weights import download, model_zoo
 from bmask_jax.weights.convert import detect_kind, implied_config_changes
+from bmask_jax.weights.errors import DamagedWeightsError, UnsafeCheckpointError
 from bmask_jax.weights.importer import apply_config_changes
 from bmask_jax.weights.safe_pickle import read_checkpoint
 
@@ -36,8 +37,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The errors of model.weights that are the user's to fix, each one line that names the
     flag, file or URL: commands print them without a traceback."""
     from bmask_jax.weights.download import DownloadError
-    from bmask_jax.weights.errors import WeightImportError
-    return (WeightsConflictError, DownloadError, model_zoo.WeightsNotFoundError, WeightImportError)
+    from bmask_jax.weights.errors import UnsafeCheckpointError, WeightImportError
+    return (WeightsConflictError, DownloadError, model_zoo.WeightsNotFoundError, WeightImportError,
+            UnsafeCheckpointError)
 
 
 @dataclasses.dataclass
@@ -120,13 +122,32 @@ def resolve(config, workdir: str | None = None, overrides: dict[str, Any] | None
                             os.path.join(workdir, "checkpoints"), step, spec)
         return config, None
     config = config.copy_and_resolve_references()
-    path = model_zoo.weights_file(spec, progress=progress)
-    checkpoint = read_checkpoint(path)
+    path, checkpoint = read_weights(spec, progress)
     kind = detect_kind(checkpoint, path)
     changes, _ = implied_config_changes(kind, checkpoint)
     check_overrides(changes, overrides, f"model.weights={spec} ({kind} weights)")
     _log_changes(apply_config_changes(config, changes), f"model.weights={spec} ({kind})")
     return config, Weights(spec, path, kind, checkpoint)
+
+
+def read_weights(spec: str, progress: bool = True) -> tuple[str, dict]:
+    """(local path, arrays) of a model.weights value. A downloaded file that cannot be read (cut
+    short, damaged) or is refused (unsafe) is set aside and downloaded once more; a second
+    failure is the error. A download that nothing else vouched for is confirmed by this read."""
+    for attempt in range(2):
+        path = model_zoo.weights_file(spec, progress=progress)
+        try:
+            checkpoint = read_checkpoint(path)
+        except (DamagedWeightsError, UnsafeCheckpointError) as e:
+            if not download.is_downloaded(path):
+                raise                                    # the user's own file: theirs to replace
+            download.set_aside(path, str(e).removeprefix(f"{path}: "), again=attempt == 0)
+            if attempt == 1:
+                raise
+            continue
+        download.confirm(path)
+        return path, checkpoint
+    raise AssertionError("unreachable")
 
 
 def load_into_state(state, weights: Weights):

@@ -8,13 +8,15 @@ import io
 import math
 import os
 import pickle
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from bmask_jax.weights.errors import UnsafeCheckpointError, WeightImportError
+from bmask_jax.weights.errors import DamagedWeightsError, UnsafeCheckpointError, WeightImportError
 
 
 def _numpy_globals() -> dict[tuple[str, str], Any]:
@@ -120,6 +122,11 @@ class _LazyTensor:
         if last >= data.shape[0]:
             raise WeightImportError(f"{source}: tensor of size {size} at offset {offset} reads past its "
                                     f"storage {self.storage.key!r} of {data.shape[0]} elements")
+        if math.prod(size) > data.shape[0]:
+            # More elements than its storage holds: only a broadcast view (a zero stride) can be,
+            # and a saved weight never is one; copying it out could take any amount of memory.
+            raise WeightImportError(f"{source}: tensor of size {size} ({math.prod(size)} elements) over storage "
+                                    f"{self.storage.key!r} of {data.shape[0]} elements (stride {stride})")
         if not size:                                  # 0-d
             return np.array(data[offset]).astype(data.dtype.newbyteorder("="))
         view = np.lib.stride_tricks.as_strided(data[offset:], size, [s * data.itemsize for s in stride])
@@ -239,9 +246,21 @@ def _read_torch_legacy(f, path: str) -> Any:
 
 def read_raw(path: str) -> Any:
     """Whatever object a .pkl / .pth / .pt holds, by content: a torch zip file, a legacy torch
-    stream, or a plain pickle. Tensors come back as numpy arrays."""
+    stream, or a plain pickle. Tensors come back as numpy arrays. A file that cannot be parsed
+    (cut short, damaged) raises DamagedWeightsError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no weight file at {path}")
+    try:
+        return _read_raw(path)
+    except (UnsafeCheckpointError, WeightImportError):
+        raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, zlib.error, ValueError, KeyError, IndexError,
+            TypeError, AttributeError, struct.error, UnicodeDecodeError, OverflowError) as e:
+        raise DamagedWeightsError(f"{path}: cannot be read, cut short or damaged "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _read_raw(path: str) -> Any:
     if zipfile.is_zipfile(path):
         return _read_torch_zip(path)
     with open(path, "rb") as f:
