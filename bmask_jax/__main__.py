@@ -10,7 +10,9 @@
     bmask-jax import-weights --config ... --source model_final.pkl --output runs/imported
 
 train, evaluate and predict are `python -m bmask_jax.main --mode COMMAND` (any --config.*
-override works as there); `bmask-jax COMMAND --help` lists a command's flags.
+override works as there); `bmask-jax COMMAND --help` lists a command's flags. An error that is
+yours to fix (a file, URL or key) is one line; `--verbose` (or BMASK_JAX_VERBOSE=1) adds its
+traceback.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         sys.exit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
+    from bmask_jax import errors
+    command, rest = argv[0], errors.take_verbose_flag(argv[1:])
     if command not in COMMANDS:
         sys.exit(f"bmask-jax: no command {command!r}; the commands: {', '.join(COMMANDS)} (bmask-jax --help)")
     module, first = COMMANDS[command]

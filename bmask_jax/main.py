@@ -9,6 +9,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from bmask_jax import errors
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with a variant: file.py:variant.",
                                 lock_config=True)
@@ -35,15 +37,8 @@ def main(argv):
     config = FLAGS.config
     # What the command line set: model.weights may not contradict it (pretrained.py).
     overrides = config_flags.get_override_values(FLAGS["config"])
-    from bmask_jax.engine.checkpoints import CheckpointError
-    from bmask_jax.evaluation.cityscapes_eval import CityscapesEvalError
-    from bmask_jax.weights.pretrained import user_errors
-    from bmask_jax.train import ClassCountError, NonFiniteLossError
-    try:
+    with errors.boundary():        # names the flag, file or URL; the traceback would bury it
         failures, out_dir = run_mode(FLAGS.mode, config, FLAGS.workdir, overrides)
-    except (*user_errors(), FileNotFoundError, ClassCountError, NonFiniteLossError, CheckpointError,
-            CityscapesEvalError) as e:
-        sys.exit(f"error: {e}")        # names the flag, file or URL; the traceback would bury it
     if failures:
         # Listed last, where they are seen; the exit status tells scripts.
         from bmask_jax.inference.predict import FAILURES_FILE
@@ -60,6 +55,7 @@ def run_mode(mode: str, config, workdir: str, overrides: dict) -> tuple[list, st
     elif mode == "evaluate":
         from bmask_jax.evaluation.evaluate import evaluate
         from bmask_jax.weights.pretrained import inference_variables
+        errors.writable_folder(workdir, "--workdir")    # its metrics and pictures go there, at the end
         config, variables = inference_variables(config, workdir, overrides)
         evaluate(config, workdir, variables)
     else:
@@ -119,4 +115,5 @@ def check_config_file(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = errors.take_verbose_flag(sys.argv)
     app.run(main, flags_parser=parse_flags)

@@ -12,7 +12,8 @@ Nothing compiles.
     3      weights                   engine, models, data, ops, config
     2      engine                    models, data, ops
     1      models                    ops
-    0      ops, data, config         nothing of bmask_jax
+    0      ops, data, config         errors
+    -1     errors                    nothing of bmask_jax
 
 Inference and evaluation restore variables, never a train state: they do not import
 engine.state or engine.optim (tests/test_predictor.py runs a restore with the optimizer
@@ -39,12 +40,13 @@ LAYERS = {
     "models": 1,
     "ops": 0, "data": 0, "config": 0,
     "_moved": 0,
+    "errors": -1,        # every command's error boundary: anything may import it
     "__init__": 7,       # the package's own __init__: `bmask_jax.Predictor`, lazily
 }
 
 ALLOWED = {
     "main": {"train", "inference", "evaluation", "weights", "engine", "models", "data", "ops", "config"},
-    "__main__": set(),                    # runpy by module name: no import statement
+    "__main__": set(),                    # runpy by module name (and the error flag)
     "train": {"evaluation", "weights", "engine", "models", "data", "ops", "config"},
     "inference": {"evaluation", "weights", "engine", "models", "data", "ops", "config"},
     "evaluation": {"engine", "models", "data", "ops"},
@@ -52,8 +54,12 @@ ALLOWED = {
     "engine": {"models", "data", "ops"},
     "models": {"ops"},
     "ops": set(), "data": set(), "config": set(), "_moved": set(),
+    "errors": set(),
     "__init__": {"_moved", "inference"},
 }
+for _place in ALLOWED:                   # errors, the bottom layer, serves every place
+    if _place != "errors":
+        ALLOWED[_place].add("errors")
 
 # Modules a place never imports though its layer would allow it.
 NEVER = {

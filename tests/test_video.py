@@ -124,3 +124,39 @@ def test_a_truncated_video_keeps_its_frames_and_fails(trained_workdir, tmp_path)
     (inputs / "cut.mkv").write_bytes(b"not a video")
     _, failures = predict(config_for(inputs / "cut.mkv"), trained_workdir, str(tmp_path / "out2"))
     assert len(failures) == 1 and "cannot read video" in failures[0]["error"]
+
+
+def md5_of(path):
+    import hashlib
+    return hashlib.md5(open(path, "rb").read()).hexdigest()
+
+
+def photo(path):
+    from PIL import Image
+    shapes = SyntheticShapes("val", num_images=1, image_size=(H, W), seed=4)[0]["image"]
+    Image.fromarray(shapes).save(path, format="PNG" if str(path).endswith(".png") else "JPEG")
+
+
+@pytest.mark.parametrize("inputs, outputs", [
+    # The output folder is the input folder: nothing given is replaced.
+    (["clip.mp4", "photo.png"], ["clip.mp4.jsonl", "clip.mp4.mp4", "photo.png.png"]),
+    # Two videos of one stem: each keeps its own video and JSON lines.
+    (["clip.mp4", "clip.mov"], ["clip.mov.jsonl", "clip.mov.mp4", "clip.mp4.jsonl", "clip.mp4.mp4"]),
+    # An input named as another input's picture would be.
+    (["a.jpg", "a.jpg.png"], ["a.jpg.png.png", "a.png"]),
+])
+def test_predict_never_overwrites_an_input_or_another_output(trained_workdir, tmp_path, inputs, outputs):
+    for name in inputs:
+        (write_clip if name.endswith((".mp4", ".mov")) else photo)(tmp_path / name)
+    before = {name: md5_of(tmp_path / name) for name in inputs}
+    path, failures = predict(config_for(tmp_path), trained_workdir, str(tmp_path))
+    assert failures == [] and path == str(tmp_path / "predictions.json")
+    assert {name: md5_of(tmp_path / name) for name in inputs} == before
+    assert sorted(os.listdir(tmp_path)) == sorted(inputs + outputs + ["predictions.json"])
+    for name in outputs:
+        if name.endswith(".mp4"):
+            assert len(decoded_frames(tmp_path / name)) == FRAMES
+        elif name.endswith(".jsonl"):
+            assert len(open(tmp_path / name).readlines()) == FRAMES
+    pictured = {r["file_name"] for r in json.load(open(path))}
+    assert pictured <= {n for n in inputs if not n.endswith((".mp4", ".mov"))}

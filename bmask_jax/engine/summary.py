@@ -8,6 +8,8 @@ and the 1x1 predictors; the same figure with those included is printed beside it
 """
 from __future__ import annotations
 
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from bmask_jax import errors
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.models.layers import Conv, Deconv2x
 from bmask_jax.engine.variables import dummy_batch, init_variables
@@ -80,10 +83,12 @@ def format_summary(config) -> str:
 
 def main(argv):
     del argv
-    print(format_summary(flags.FLAGS.config))
+    with errors.boundary():
+        print(format_summary(flags.FLAGS.config))
 
 
 if __name__ == "__main__":
+    sys.argv = errors.take_verbose_flag(sys.argv)
     config_flags.DEFINE_config_file("config", None, "Config file[:variant].")
     flags.mark_flags_as_required(["config"])
     app.run(main)

@@ -24,7 +24,10 @@ import threading
 import numpy as np
 from PIL import Image
 
+from bmask_jax import errors
+
 MAX_UPLOAD_BYTES = 50 * 2 ** 20
+REQUEST_TIMEOUT_S = 30.0         # seconds a client may leave a request unfinished
 
 
 def _define_flags():
@@ -84,8 +87,19 @@ class DemoServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            # A client that stops sending (a Content-Length it never fills) frees its thread
+            # after this many seconds instead of holding it forever.
+            timeout = REQUEST_TIMEOUT_S
+
             def log_message(self, *args):        # quiet: the terminal shows our own lines
                 pass
+
+            def handle(self):
+                # A client that hangs up or stalls mid-request is its own business: no traceback.
+                try:
+                    super().handle()
+                except (ConnectionError, TimeoutError):
+                    self.close_connection = True
 
             def _send(self, code: int, body: bytes, kind: str) -> None:
                 self.send_response(code)
@@ -103,12 +117,20 @@ class DemoServer:
             def do_POST(self):
                 if self.path != "/predict":
                     return self._send(404, b"not found", "text/plain")
-                size = int(self.headers.get("Content-Length", 0))
+                length = self.headers.get("Content-Length", "0").strip()
+                if not length.isdigit():
+                    return self._send(400, json.dumps({"error": f"Content-Length {length[:40]!r} is not a number of "
+                                                       f"bytes"}).encode(), "application/json")
+                size = int(length)
                 if not 0 < size <= MAX_UPLOAD_BYTES:
                     return self._send(413, json.dumps({"error": f"upload of {size} bytes (at most "
                                                        f"{MAX_UPLOAD_BYTES} taken)"}).encode(), "application/json")
+                data = self.rfile.read(size)
+                if len(data) < size:               # the client hung up before sending it all
+                    return self._send(400, json.dumps({"error": f"got {len(data)} of the {size} bytes the "
+                                                       f"request announced"}).encode(), "application/json")
                 try:
-                    body = server.predict(self.rfile.read(size))
+                    body = server.predict(data)
                 except ValueError as e:            # not an image, or too large: say so on the page
                     return self._send(400, json.dumps({"error": str(e)}).encode(), "application/json")
                 self._send(200, json.dumps(body).encode(), "application/json")
@@ -237,13 +259,13 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("BMASK_JAX_CACHE", os.path.expanduser("~/.cache/bmask_jax/xla")))
     from bmask_jax.inference.predictor import Predictor
-    from bmask_jax.weights.pretrained import user_errors
     overrides = config_flags.get_override_values(FLAGS["config"])
-    try:
+    with errors.boundary():
         predictor = Predictor(FLAGS.config, FLAGS.workdir, score_threshold=0.0, overrides=overrides)
-    except (*user_errors(), FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    server = DemoServer(predictor, FLAGS.host, FLAGS.port)
+        try:
+            server = DemoServer(predictor, FLAGS.host, FLAGS.port)
+        except OSError as e:                 # a port in use or not ours to take: name it
+            raise OSError(e.errno, f"cannot serve on {FLAGS.host}:{FLAGS.port}: {e.strerror} (--port)") from e
     print(f"serving {server.url} (Ctrl-C stops)", flush=True)
     try:
         server.httpd.serve_forever()
@@ -255,5 +277,6 @@ def main(argv):
 
 if __name__ == "__main__":
     from absl import app
+    sys.argv = errors.take_verbose_flag(sys.argv)
     _define_flags()
     app.run(main)

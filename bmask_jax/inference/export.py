@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import export
 
+from bmask_jax import errors
+from bmask_jax.errors import UsageError
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
 from bmask_jax.weights.pretrained import inference_variables, recorded_config
 from bmask_jax.inference.predictor import dataset_labels
@@ -79,7 +81,8 @@ def _model(config, workdir: str | None, variables: dict | None, overrides: dict 
     if variables is not None:
         return recorded_config(config, workdir), variables
     if not workdir and not config.model.weights:
-        raise ValueError("export: give a workdir, variables or a config with model.weights")
+        raise UsageError("export: give --workdir (a trained run) or --config.model.weights=NAME|URL|FILE "
+                         "(bmask-jax zoo lists the names)")
     return inference_variables(config, workdir, overrides)
 
 
@@ -131,7 +134,7 @@ def export_saved_model(config, output: str, workdir: str | None = None, variable
         import tensorflow as tf
         from jax.experimental import jax2tf
     except ImportError as e:
-        raise ImportError("--format saved_model needs TensorFlow (pip install tensorflow-cpu); "
+        raise errors.MissingExtraError("--format saved_model needs TensorFlow (pip install tensorflow-cpu); "
                           "bmask_jax does not depend on it") from e
     config, variables = _model(config, workdir, variables, overrides)
     fn = detector_function(config)
@@ -195,12 +198,8 @@ def main(argv):
     from ml_collections import config_flags
     f = flags.FLAGS
     overrides = config_flags.get_override_values(f["config"])
-    from bmask_jax.engine.checkpoints import CheckpointError
-    from bmask_jax.weights.pretrained import user_errors
-    try:
+    with errors.boundary():
         _export(f, overrides)
-    except (*user_errors(), CheckpointError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")        # names the file, step or URL
 
 
 def _export(f, overrides):
@@ -215,5 +214,6 @@ def _export(f, overrides):
 
 if __name__ == "__main__":
     from absl import app
+    sys.argv = errors.take_verbose_flag(sys.argv)
     _define_flags()
     sys.exit(app.run(main))

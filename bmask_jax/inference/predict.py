@@ -10,6 +10,7 @@ import os
 
 import jax
 
+from bmask_jax import errors
 from bmask_jax.engine import sharding
 from bmask_jax.data.images import load_rgb
 from bmask_jax.evaluation.evaluate import to_coco_results
@@ -41,24 +42,44 @@ def list_images(inputs: str) -> list[str]:
     return paths
 
 
-def picture_names(paths: list[str]) -> list[str]:
-    """The picture file of each input: <stem>.png; <name>.png where stems collide (same.jpg and
-    same.png -> same.jpg.png, same.png.png); <name>.<position>.png where whole names collide
-    (a/x.jpg and b/x.jpg). Nothing is overwritten."""
+RESERVED_NAMES = ("predictions.json", FAILURES_FILE)
+
+
+def output_names(paths: list[str], output_dir: str | None = None) -> list[tuple[str, ...]]:
+    """The files each input writes into output_dir, none of them an input or another output:
+    (<base>.png,) for an image, (<base>.mp4, <base>.jsonl) for a video. <base> is the input's
+    stem; its whole name where stems collide (same.jpg and same.png -> same.jpg.png,
+    same.png.png; clip.mp4 and clip.mov -> clip.mp4.mp4, clip.mov.mp4); <name>.<position>
+    where whole names collide (a/x.jpg and b/x.jpg). Where that file would be an input itself
+    (the output folder is the input folder: photo.png -> photo.png.png), another input's
+    output, or predictions.json / failed_images.json, the next of these forms is taken. Every
+    process of a multi-host run derives the same names from the same list."""
     import collections
+    from bmask_jax.inference.video import is_video
     names = [os.path.basename(p) for p in paths]
     stems = [os.path.splitext(n)[0] for n in names]
     stem_count, name_count = collections.Counter(stems), collections.Counter(names)
+    inputs = {os.path.realpath(p) for p in paths}
+    taken = set(RESERVED_NAMES)
+
+    def free(file: str) -> bool:
+        return file not in taken and not (
+            output_dir is not None and os.path.realpath(os.path.join(output_dir, file)) in inputs)
+
     out = []
     for k, (name, stem) in enumerate(zip(names, stems)):
-        if stem_count[stem] == 1:
-            out.append(f"{stem}.png")
-        elif name_count[name] == 1:
-            out.append(f"{name}.png")
-        else:
-            out.append(f"{name}.{k}.png")
-    taken = collections.Counter(out)            # a.jpg.png from a.jpg beside a file named a.jpg.png
-    return [n if taken[n] == 1 else f"{n[:-4]}.{k}.png" for k, n in enumerate(out)]
+        forms = ([stem] if stem_count[stem] == 1 else []) + ([name] if name_count[name] == 1 else [])
+        forms += [f"{name}.{k}"] + [f"{name}.{k}.{j}" for j in range(1, len(paths) + 2)]
+        suffixes = (".mp4", ".jsonl") if is_video(name) else (".png",)
+        files = next(files for files in ([base + s for s in suffixes] for base in forms) if all(map(free, files)))
+        taken.update(files)
+        out.append(tuple(files))
+    return out
+
+
+def picture_names(paths: list[str], output_dir: str | None = None) -> list[str]:
+    """The first output file of each input (an image's picture; a video's .mp4): output_names."""
+    return [files[0] for files in output_names(paths, output_dir)]
 
 
 def predict(config, workdir: str, output_dir: str, predictor: Predictor | None = None,
@@ -75,10 +96,10 @@ def predict(config, workdir: str, output_dir: str, predictor: Predictor | None =
         raise ValueError(f"predict.frame_stride must be >= 1 and predict.max_frames >= 0 (0: every frame), got "
                          f"{config.predict.frame_stride} and {config.predict.max_frames}")
     paths = list_images(config.predict.inputs)     # a missing input is one error before the model is built
-    pictures = picture_names(paths)
+    outputs = output_names(paths, output_dir)
+    errors.writable_folder(output_dir, "predict.output_dir")      # before the model, not after it
     predictor = predictor or Predictor(config, workdir, score_threshold=config.predict.score_threshold,
                                        overrides=overrides)
-    os.makedirs(output_dir, exist_ok=True)
     mine = list(range(jax.process_index(), len(paths), jax.process_count()))
     results, failures = [], []
     step = 4 * predictor.batch_size          # files decoded at a time: full batches ...
@@ -92,13 +113,14 @@ def predict(config, workdir: str, output_dir: str, predictor: Predictor | None =
             drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
                                    predictor.class_names, inst.get("boundaries"),
                                    min_size=config.predict.min_picture_size)
-            save_image(os.path.join(output_dir, pictures[k]), drawn)
+            save_image(os.path.join(output_dir, outputs[k][0]), drawn)
 
     group, pixels = [], 0
     for k in mine:
         if is_video(paths[k]):
             _, error = predict_video(paths[k], output_dir, predictor, config.predict.frame_stride,
-                                     config.predict.max_frames)
+                                     config.predict.max_frames, outputs=outputs[k],
+                                     max_pixels=config.predict.max_image_pixels)
             if error:
                 failures.append({"file": paths[k], "error": error})
             continue

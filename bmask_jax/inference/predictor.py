@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from bmask_jax.engine import sharding
+from bmask_jax.errors import UsageError
 from bmask_jax.data.images import load_rgb
 from bmask_jax.data.pipeline import eval_plan
 from bmask_jax.data.transforms import choose_canvas, prepare_example, resize_shortest_edge, rgb_array
@@ -91,7 +92,7 @@ class Predictor:
         if workdir is not None and variables is not None:
             raise ValueError("Predictor: give a workdir (to restore its latest checkpoint) or variables, not both")
         if workdir is None and variables is None and not config.model.weights:
-            raise ValueError("Predictor: give a workdir, variables, or a config with model.weights "
+            raise UsageError("Predictor: give a workdir, variables, or a config with model.weights "
                              "(or use Predictor.from_pretrained)")
         if variables is None:       # the config that comes back carries what the weights imply
             config, variables = inference_variables(config, workdir, overrides)

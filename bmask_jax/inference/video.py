@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from bmask_jax.errors import MissingExtraError
+
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv", ".webm")
 
 
@@ -29,26 +31,30 @@ def _import_av():
     try:
         import av
     except ImportError as e:
-        raise ImportError("predicting on videos needs PyAV: pip install -e '.[video]' (or pip install av)") from e
+        raise MissingExtraError("predicting on videos needs PyAV: pip install -e '.[video]' (or pip install av)") from e
     return av
 
 
 def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, max_frames: int = 0,
-                  min_picture_size: int = 0) -> tuple[dict, str | None]:
+                  min_picture_size: int = 0, outputs: tuple[str, str] | None = None,
+                  max_pixels: int = 0) -> tuple[dict, str | None]:
     """Predicts every `frame_stride`-th frame of the video at `path` (at most `max_frames` of
-    them; 0: all) and writes `<stem>.mp4` (H.264, the input's size; its frame rate divided by
-    the stride, so the clip keeps its duration) and `<stem>.jsonl` (a line per predicted
-    frame: frame index, time, instances as COCO-style results with class names) into
-    output_dir. Returns ({"video", "frames_jsonl", "frames"}, error or None): a file that
-    cannot be opened, or that breaks off, keeps what was written before and returns the
-    error, naming the file and the frame where decoding stopped."""
+    them; 0: all) and writes `<stem>.mp4` (H.264, upright: a rotation the file declares is
+    applied, as images get their EXIF orientation; each frame at its own time, so a clip with a
+    variable frame rate keeps its timing and a stride keeps the duration) and `<stem>.jsonl` (a
+    line per predicted frame: frame index, its time in the file, instances as COCO-style
+    results with class names) into output_dir (or the two file names `outputs`,
+    predict.output_names' distinct ones). A video whose frames have more than `max_pixels`
+    pixels (predict.max_image_pixels; 0: no limit) is refused before decoding. Returns
+    ({"video", "frames_jsonl", "frames"}, error or None): a file that cannot be opened, or that
+    breaks off, keeps what was written before and returns the error, naming the file and the
+    frame where decoding stopped."""
     from tqdm import tqdm
 
     from bmask_jax.ops.masks import masks_to_rle
     from bmask_jax.evaluation.visualize import draw_instances
     stem = os.path.splitext(os.path.basename(path))[0]
-    video_out = os.path.join(output_dir, f"{stem}.mp4")
-    jsonl_out = os.path.join(output_dir, f"{stem}.jsonl")
+    video_out, jsonl_out = (os.path.join(output_dir, name) for name in (outputs or (f"{stem}.mp4", f"{stem}.jsonl")))
     done = {"video": video_out, "frames_jsonl": jsonl_out, "frames": 0}
     try:
         av = _import_av()
@@ -56,11 +62,18 @@ def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, 
         return done, f"cannot read video {path}: {e}"
     try:
         source = av.open(path)
-        stream = source.streams.video[0]
-    except (av.FFmpegError, IndexError, OSError) as e:
+    except (av.FFmpegError, OSError) as e:
         return done, f"cannot read video {path}: {e if str(e) else type(e).__name__}"
+    if not source.streams.video:
+        source.close()
+        return done, f"cannot read video {path}: it holds no video stream"
+    stream = source.streams.video[0]
     rate = stream.average_rate or stream.guessed_rate or fractions.Fraction(25)
     width, height = stream.codec_context.width, stream.codec_context.height
+    if max_pixels and width * height > max_pixels:
+        source.close()
+        return done, (f"cannot read video {path}: its {width}x{height} frames are {width * height / 1e6:.0f} MP each, "
+                      f"more than predict.max_image_pixels={max_pixels}")
     # Frames the file says it holds: counted in its header (mp4), else its duration times the
     # rate (mkv, webm); 0 where it says neither. A file that ends sooner was cut short.
     duration_s = (float(stream.duration * stream.time_base) if stream.duration else
@@ -69,22 +82,30 @@ def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, 
     total = -(-declared // frame_stride) if declared else None
     if max_frames:
         total = min(total, max_frames) if total else max_frames
+    time_base = stream.time_base or fractions.Fraction(1, 90000)
     sink = av.open(video_out, "w")
-    out_stream = sink.add_stream("libx264", rate=fractions.Fraction(rate) / frame_stride)
-    # 4:2:0 chroma needs even sides: an odd one is encoded one pixel shorter.
-    out_stream.width, out_stream.height = width - width % 2, height - height % 2
-    out_stream.pix_fmt = "yuv420p"
-    error, index, pending, bounded = None, -1, [], False
+    writer = {}                    # the output stream, made for the first (upright) frame's size
+    error, index, pending, bounded, first_pts = None, -1, [], False, None
+
+    def open_output(h: int, w: int):
+        out = sink.add_stream("libx264", rate=fractions.Fraction(rate) / frame_stride)
+        # 4:2:0 chroma needs even sides: an odd one is encoded one pixel shorter.
+        out.width, out.height = w - w % 2, h - h % 2
+        out.pix_fmt = "yuv420p"
+        out.codec_context.time_base = time_base     # frames keep the input's timestamps
+        return out
 
     def flush():
-        instances = predictor.predict_arrays([image for _, image in pending])
-        for (k, image), inst in zip(pending, instances):
+        instances = predictor.predict_arrays([image for *_, image in pending])
+        for (k, seconds, pts, image), inst in zip(pending, instances):
             drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
                                    predictor.class_names, inst.get("boundaries"))
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn[:out_stream.height, :out_stream.width]),
-                                               format="rgb24")
-            frame.pts = done["frames"]
-            for packet in out_stream.encode(frame):
+            if "stream" not in writer:
+                writer["stream"] = open_output(*drawn.shape[:2])
+            out = writer["stream"]
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn[:out.height, :out.width]), format="rgb24")
+            frame.pts, frame.time_base = pts, time_base
+            for packet in out.encode(frame):
                 sink.mux(packet)
             results = []
             for box, score, cls, name, rle in zip(inst["boxes"], inst["scores"], inst["classes"],
@@ -93,7 +114,7 @@ def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, 
                 results.append({"bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score),
                                 "category_id": int(predictor.category_ids[int(cls)]), "class_name": name,
                                 "segmentation": rle})
-            jsonl.write(json.dumps({"frame": k, "time_s": float(k / rate), "instances": results}) + "\n")
+            jsonl.write(json.dumps({"frame": k, "time_s": seconds, "instances": results}) + "\n")
             done["frames"] += 1
             bar.update(1)
         pending.clear()
@@ -106,20 +127,34 @@ def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, 
                 if max_frames and done["frames"] + len(pending) >= max_frames:
                     bounded = True
                     break
-                pending.append((index, frame.to_ndarray(format="rgb24")))
+                # Each frame at its own time (a variable frame rate is kept), counted from the
+                # first: index / rate is right only at a constant rate.
+                pts = frame.pts if frame.pts is not None else round(index / rate / time_base)
+                first_pts = pts if first_pts is None else first_pts
+                seconds = float((pts - first_pts) * time_base)
+                image = frame.to_ndarray(format="rgb24")
+                turns = round((frame.rotation or 0) / 90) % 4      # the display matrix, counter-clockwise
+                pending.append((index, seconds, pts - first_pts, np.ascontiguousarray(np.rot90(image, turns))))
                 if len(pending) >= predictor.batch_size:
                     flush()
         except (av.FFmpegError, EOFError, OSError) as e:
             error = f"video {path}: decoding stopped after frame {index} ({e}); the {done['frames'] + len(pending)} frame(s) before it are kept"
         if pending:
             flush()
-    if error is None and not bounded and index + 1 < declared - 1:    # a frame of rounding allowed
+    if error is None and index < 0:
+        error = f"cannot read video {path}: it holds no frame that could be decoded"
+    elif error is None and not bounded and index + 1 < declared - 1:    # a frame of rounding allowed
         error = (f"video {path}: it declares {declared} frames but decoding stopped after {index + 1} "
                  f"(truncated?); the {done['frames']} predicted frame(s) before it are kept")
-    for packet in out_stream.encode():          # the encoder's buffered frames
-        sink.mux(packet)
+    if "stream" in writer:
+        for packet in writer["stream"].encode():          # the encoder's buffered frames
+            sink.mux(packet)
     sink.close()
     source.close()
+    if "stream" not in writer:                 # not a frame: no empty files left behind
+        for name in (video_out, jsonl_out):
+            if os.path.exists(name):
+                os.remove(name)
     if error:
         logging.error("%s", error)
     return done, error

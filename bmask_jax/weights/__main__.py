@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from bmask_jax import weights
+from bmask_jax import errors, weights
 from bmask_jax.weights.importer import config_flags_for, import_weights
 from bmask_jax.weights.layouts import KINDS
 
@@ -29,7 +29,8 @@ def main(argv):
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     f = flags.FLAGS
-    report, differ = import_weights(f.config, f.source, f.output, f.kind, f.apply_config_changes)
+    with errors.boundary():
+        report, differ = import_weights(f.config, f.source, f.output, f.kind, f.apply_config_changes)
     print(report)
     print(f"wrote a step-0 checkpoint to {os.path.join(f.output, 'checkpoints')}")
     if not differ:
@@ -45,6 +46,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    import sys
+
     from absl import app
+    sys.argv = errors.take_verbose_flag(sys.argv)
     _define_flags()
     app.run(main)

@@ -176,8 +176,12 @@ def table() -> str:
 
 if __name__ == "__main__":
     import sys
+
+    from bmask_jax import errors
+    sys.argv = errors.take_verbose_flag(sys.argv)
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0)
-    print(table())
-    print(f"\ncache: {os.path.join(download.home(), 'weights')} ($BMASK_JAX_HOME)")
+    with errors.boundary():
+        print(table())
+        print(f"\ncache: {os.path.join(download.home(), 'weights')} ($BMASK_JAX_HOME)")
