@@ -160,3 +160,81 @@ def test_predict_never_overwrites_an_input_or_another_output(trained_workdir, tm
             assert len(open(tmp_path / name).readlines()) == FRAMES
     pictured = {r["file_name"] for r in json.load(open(path))}
     assert pictured <= {n for n in inputs if not n.endswith((".mp4", ".mov"))}
+
+
+def test_a_variable_frame_rate_clip_keeps_its_times(trained_workdir, tmp_path):
+    """Frames at 0, .04, .08, .5, 1.0 ... 3.0 s: each JSON line has its frame's own time, and the
+    annotated clip shows each frame at that time (not re-timed to a constant rate)."""
+    times = [0, .04, .08, .5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    clip = tmp_path / "vfr.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for t in times:
+            frame = av.VideoFrame.from_ndarray(np.full((H, W, 3), 40, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    _, failures = predict(config_for(clip), trained_workdir, str(tmp_path / "out"))
+    assert failures == []
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "vfr.jsonl")]
+    assert [x["time_s"] for x in lines] == pytest.approx(times, abs=1e-3)
+    with av.open(str(tmp_path / "out" / "vfr.mp4")) as f:
+        assert [float(frame.time) for frame in f.decode(video=0)] == pytest.approx(times, abs=1e-3)
+
+
+def test_a_rotated_clip_is_predicted_and_written_upright(trained_workdir, tmp_path):
+    """A clip whose display matrix turns it 90 degrees counter-clockwise (a phone held upright):
+    the frames are turned before the model sees them, as images get their EXIF orientation."""
+    clip = tmp_path / "upright.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("libx264", rate=FPS)
+        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+        stream.set_display_rotation(90)
+        shapes = SyntheticShapes("val", num_images=1, image_size=(H, H), seed=3)[0]["image"]
+        for t in range(3):
+            canvas = np.full((H, W, 3), 30, np.uint8)
+            canvas[:, 3 * t:3 * t + H] = shapes
+            for packet in stream.encode(av.VideoFrame.from_ndarray(canvas, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    c = config_for(clip)
+    c.data.canvas_buckets = ((64, 96), (96, 64))
+    _, failures = predict(c, trained_workdir, str(tmp_path / "out"))
+    assert failures == []
+    with av.open(str(tmp_path / "out" / "upright.mp4")) as f:
+        stream = f.streams.video[0]
+        assert (stream.codec_context.width, stream.codec_context.height) == (H, W)      # turned
+    upright = [np.ascontiguousarray(np.rot90(frame, 1)) for frame in decoded_frames(clip)]
+    expected = Predictor(c, trained_workdir, score_threshold=0.0)(upright)
+    lines = [json.loads(x) for x in open(tmp_path / "out" / "upright.jsonl")]
+    assert sum(len(x["instances"]) for x in lines) > 0
+    for line, want in zip(lines, expected):
+        np.testing.assert_allclose([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in line["instances"])],
+                                   want["boxes"].reshape(-1, 4), atol=1e-3)
+
+
+def test_videos_that_cannot_be_predicted_say_why_in_one_line(trained_workdir, tmp_path):
+    audio = tmp_path / "audio.mp4"
+    with av.open(str(audio), "w") as out:
+        stream = out.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    big = tmp_path / "big.mp4"
+    write_clip(big, frames=2)
+    _, failures = predict(config_for(f"{audio},{big}", max_image_pixels=H * W - 1), trained_workdir,
+                          str(tmp_path / "out"))
+    errors = {os.path.basename(f["file"]): f["error"] for f in failures}
+    assert errors == {
+        "audio.mp4": f"cannot read video {audio}: it holds no video stream",
+        "big.mp4": f"cannot read video {big}: its frames are {W}x{H}, {W * H} pixels each, more than "
+                   f"predict.max_image_pixels={H * W - 1}"}
+    assert sorted(os.listdir(tmp_path / "out")) == ["failed_images.json", "predictions.json"]

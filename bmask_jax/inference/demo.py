@@ -250,6 +250,19 @@ $("download").addEventListener("click", () => {
 """
 
 
+def check_port(host: str, port: int) -> None:
+    """Raises an OSError naming host:port (--host, --port) if the page could not be served there."""
+    import errno
+    import socket
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as http.server binds
+            probe.bind((host, port))
+    except OSError as e:
+        code = e.errno if e.errno in errors.USER_ERRNOS else errno.EADDRNOTAVAIL     # e.g. a host name unknown
+        raise OSError(code, f"cannot serve on {host}:{port} (--host, --port): {e.strerror or e}") from None
+
+
 def main(argv):
     del argv
     from absl import flags
@@ -261,11 +274,9 @@ def main(argv):
     from bmask_jax.inference.predictor import Predictor
     overrides = config_flags.get_override_values(FLAGS["config"])
     with errors.boundary():
+        check_port(FLAGS.host, FLAGS.port)   # before the model is loaded, not after
         predictor = Predictor(FLAGS.config, FLAGS.workdir, score_threshold=0.0, overrides=overrides)
-        try:
-            server = DemoServer(predictor, FLAGS.host, FLAGS.port)
-        except OSError as e:                 # a port in use or not ours to take: name it
-            raise OSError(e.errno, f"cannot serve on {FLAGS.host}:{FLAGS.port}: {e.strerror} (--port)") from e
+        server = DemoServer(predictor, FLAGS.host, FLAGS.port)
     print(f"serving {server.url} (Ctrl-C stops)", flush=True)
     try:
         server.httpd.serve_forever()

@@ -15,7 +15,7 @@ from bmask_jax.engine import sharding
 from bmask_jax.data.images import load_rgb
 from bmask_jax.evaluation.evaluate import to_coco_results
 from bmask_jax.inference.predictor import Predictor
-from bmask_jax.inference.video import VIDEO_EXTENSIONS, is_video, predict_video
+from bmask_jax.inference.video import VIDEO_EXTENSIONS, is_video, predict_video, require_av
 from bmask_jax.evaluation.visualize import draw_instances, save_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -96,6 +96,8 @@ def predict(config, workdir: str, output_dir: str, predictor: Predictor | None =
         raise ValueError(f"predict.frame_stride must be >= 1 and predict.max_frames >= 0 (0: every frame), got "
                          f"{config.predict.frame_stride} and {config.predict.max_frames}")
     paths = list_images(config.predict.inputs)     # a missing input is one error before the model is built
+    if any(map(is_video, paths)):
+        require_av()                                # the missing extra is said before the model runs
     outputs = output_names(paths, output_dir)
     errors.writable_folder(output_dir, "predict.output_dir")      # before the model, not after it
     predictor = predictor or Predictor(config, workdir, score_threshold=config.predict.score_threshold,

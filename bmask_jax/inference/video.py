@@ -27,6 +27,11 @@ def is_video(path: str) -> bool:
     return path.lower().endswith(VIDEO_EXTENSIONS)
 
 
+def require_av() -> None:
+    """Raises MissingExtraError (one line: what to install) where PyAV is not importable."""
+    _import_av()
+
+
 def _import_av():
     try:
         import av
@@ -72,7 +77,7 @@ def predict_video(path: str, output_dir: str, predictor, frame_stride: int = 1, 
     width, height = stream.codec_context.width, stream.codec_context.height
     if max_pixels and width * height > max_pixels:
         source.close()
-        return done, (f"cannot read video {path}: its {width}x{height} frames are {width * height / 1e6:.0f} MP each, "
+        return done, (f"cannot read video {path}: its frames are {width}x{height}, {width * height} pixels each, "
                       f"more than predict.max_image_pixels={max_pixels}")
     # Frames the file says it holds: counted in its header (mp4), else its duration times the
     # rate (mkv, webm); 0 where it says neither. A file that ends sooner was cut short.
