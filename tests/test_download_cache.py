@@ -270,19 +270,32 @@ def test_cache_keys_and_paths_stay_inside_the_cache(cache, tmp_path, monkeypatch
     a, b = download.cache_path("http://h/m.pkl?v=1"), download.cache_path("http://h/m.pkl?v=2")
     assert a != b and os.path.basename(a) == os.path.basename(b) == "m.pkl"
     assert download.cache_path("http://h/m.pkl") not in (a, b)
-    for url in ("http://../x.pkl", "http://a/../../x.pkl", "http://%2e%2e/x.pkl"):
+    inside = os.path.realpath(cache / "weights") + os.sep
+    kept = {"http://a/../../x.pkl", "http://a/%2e%2e/%2E%2E/x.pkl", "http://a/b/..%2f..%2fx.pkl",
+            "http://user:secret@a/x.pkl", "http://[::1]:8000/x.pkl", "https://a.b.example:443/./x.pkl"}
+    refused = {"http://../x.pkl", "http://%2e%2e/x.pkl", "http:///x.pkl", "http://a:notaport/x.pkl"}
+    for url in sorted(kept | refused):
         try:
             path = download.cache_path(url)
         except download.DownloadError as e:
-            assert url in str(e) and len(str(e).splitlines()) == 1
+            assert url in refused and url in str(e) and len(str(e).splitlines()) == 1, (url, e)
             continue
-        assert os.path.realpath(path).startswith(os.path.realpath(cache / "weights") + os.sep), (url, path)
+        assert url in kept, (url, path)
+        assert os.path.realpath(path).startswith(inside) and os.path.basename(path) == "x.pkl", (url, path)
+        assert "secret" not in path
+    assert "::1" not in download.cache_path("http://[::1]:8000/x.pkl")
     mirror = tmp_path / "mirror"
     (mirror / "detectron2").mkdir(parents=True)
     (tmp_path / "secret.pkl").write_bytes(b"secret")
+    for rest in ("detectron2/../../secret.pkl", "detectron2/%2e%2e/%2e%2e/secret.pkl"):
+        for where in (str(mirror), "http://127.0.0.1:1/mirror"):
+            monkeypatch.setenv("BMASK_JAX_MIRROR", where)
+            with pytest.raises(download.DownloadError, match="mirror"):
+                download.fetch("https://dl.fbaipublicfiles.com/" + rest, progress=False)
+    os.symlink(tmp_path / "secret.pkl", mirror / "detectron2" / "link.pkl")     # a link out of the folder
     monkeypatch.setenv("BMASK_JAX_MIRROR", str(mirror))
     with pytest.raises(download.DownloadError, match="outside the mirror folder"):
-        download.fetch("https://dl.fbaipublicfiles.com/detectron2/../../secret.pkl", progress=False)
+        download.fetch("https://dl.fbaipublicfiles.com/detectron2/link.pkl", progress=False)
     assert "secret" not in " ".join(files_in(cache))
 
 

@@ -290,3 +290,53 @@ def test_missing_coco_images_folder_is_one_line_before_the_model(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip() == f"error: data.coco_images='{tmp_path / 'nope'}': no such folder (the images of {ann})"
     assert not os.path.exists(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# places that cannot be written
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_read_only_workdir_is_said_before_the_model_runs(trained, tmp_path, monkeypatch):
+    from bmask_jax import main
+    from bmask_jax.weights import pretrained
+    mount = tmp_path / "ro"
+    if not _mount_tmpfs(mount, "size=50m"):
+        pytest.skip("cannot mount a tmpfs here (needs root): the read-only case is not reproduced")
+    try:
+        shutil.copytree(trained, mount / "run")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        monkeypatch.setattr(pretrained, "inference_variables", lambda *a, **k: pytest.fail("the model was loaded"))
+        with pytest.raises(OSError) as e:
+            main.run_mode("evaluate", small_config(), str(mount / "run"), {})
+        assert str(e.value).endswith(f"--workdir={mount / 'run'} cannot be written to: Read-only file system")
+        c = small_config()
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "photo.png")
+        c.predict.update(inputs=str(tmp_path / "photo.png"), output_dir=str(mount / "out"))
+        with pytest.raises(OSError, match=f"predict.output_dir={mount / 'out'} cannot be written to"):
+            main.run_mode("predict", c, str(mount / "run"), {})
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_an_evaluation_whose_pictures_cannot_be_written_still_reports_and_saves(trained, tmp_path, capsys):
+    from bmask_jax.evaluation.evaluate import evaluate
+    workdir = copy_of(trained, tmp_path)
+    pictures = os.path.join(workdir, "pictures")
+    shutil.rmtree(pictures, ignore_errors=True)
+    if not _mount_tmpfs(pictures, "size=1m,ro"):
+        pytest.skip("cannot mount a tmpfs here (needs root): the unwritable-pictures case is not reproduced")
+    try:
+        c = small_config()
+        with pytest.raises(OSError) as e:
+            evaluate(c, workdir, restore_variables(c, workdir))
+        message = str(e.value)
+        assert "the evaluation ran and its metrics are printed above" in message
+        assert f"{pictures}: Read-only file system" in message and "metrics.json" not in message
+        printed = capsys.readouterr().out
+        assert "segm" in printed and "AP" in printed
+        saved = json.load(open(os.path.join(workdir, "metrics.json")))
+        assert saved["num_images"] > 0 and "segm" in saved
+    finally:
+        subprocess.run(["umount", pictures], check=False)

@@ -238,3 +238,40 @@ def test_videos_that_cannot_be_predicted_say_why_in_one_line(trained_workdir, tm
         "big.mp4": f"cannot read video {big}: its frames are {W}x{H}, {W * H} pixels each, more than "
                    f"predict.max_image_pixels={H * W - 1}"}
     assert sorted(os.listdir(tmp_path / "out")) == ["failed_images.json", "predictions.json"]
+
+
+def test_a_large_frame_video_is_refused_from_its_header_in_bounded_memory(tmp_path):
+    """A 6000x6000 clip (108 MB a decoded RGB frame) with predict.max_image_pixels below it:
+    refused before a frame is decoded. Peak RSS of a process that runs predict_video on it,
+    against one that only imports the same modules and opens the file."""
+    import subprocess
+    import sys
+    clip = tmp_path / "big.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("mpeg4", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 6000, 6000, "yuv420p"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((6000, 6000, 3), np.uint8), format="rgb24")):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    script = f"""
+import resource, sys, av
+from bmask_jax.inference.video import predict_video
+class NoModel:
+    batch_size = 1
+    def predict_arrays(self, images):
+        raise AssertionError("a frame reached the model")
+if sys.argv[1] == "predict":
+    _, error = predict_video({str(clip)!r}, {str(tmp_path)!r}, NoModel(), max_pixels=10_000_000)
+    assert "more than predict.max_image_pixels=10000000" in error, error
+else:
+    av.open({str(clip)!r}).close()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    peaks = {}
+    for mode in ("open", "predict"):
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=False,
+                              env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__))))
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[mode] = int(done.stdout.split()[-1]) / 1024          # MiB
+    assert peaks["predict"] - peaks["open"] < 40, peaks           # a decoded frame alone is 103 MiB

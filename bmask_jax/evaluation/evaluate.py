@@ -1,6 +1,7 @@
 """Inference over a split, COCO results JSON, pycocotools AP, the AP-vs-IoU curve, pictures."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -82,7 +83,10 @@ def evaluate(config, workdir: str, variables: dict, mesh=None, step: int | None 
     variables = sharding.put_replicated(variables, mesh)
     results, pictures, drawings = [], [], []
     pic_dir = os.path.join(workdir, "pictures")
-    os.makedirs(pic_dir, exist_ok=True)
+    # What could not be written: the evaluation goes on, prints its metrics and saves what it
+    # can, and says at the end what is missing (an error, so the exit status shows it).
+    unwritten: dict[str, str] = {}
+    codes: list[int] = []                 # their errno values (the first one is raised)
     batches = eval_batches(dataset, config.data, global_eval_batch(config.eval.batch_size, mesh),
                            config.eval.num_images, jax.process_index(), jax.process_count(), sizes)
     for batch in batches:
@@ -99,7 +103,15 @@ def evaluate(config, workdir: str, variables: dict, mesh=None, step: int | None 
                 drawn = draw_instances(image, inst["boxes"], inst["classes"], inst["scores"], inst["masks"],
                                        dataset.class_names, inst["boundaries"], config.predict.score_threshold,
                                        config.predict.min_picture_size)
-                save_image(os.path.join(pic_dir, f"{image_id:06d}.png"), drawn)
+                if "pictures" not in unwritten:
+                    try:
+                        os.makedirs(pic_dir, exist_ok=True)
+                        save_image(os.path.join(pic_dir, f"{image_id:06d}.png"), drawn)
+                    except OSError as e:
+                        unwritten["pictures"] = f"{pic_dir}: {e.strerror or e}"
+                        codes.append(e.errno or errno.EACCES)
+                        logging.warning("cannot write the pictures (%s); the evaluation goes on",
+                                        unwritten["pictures"])
                 if len(drawings) < TENSORBOARD_PICTURES:
                     drawings.append((image_id, drawn))
     results = sharding.gather_to_main(results)
@@ -114,21 +126,34 @@ def evaluate(config, workdir: str, variables: dict, mesh=None, step: int | None 
     if config.data.dataset == "cityscapes":
         # The benchmark's own metric and result files, beside the COCO-style numbers.
         metrics["cityscapes"] = cityscapes_eval.evaluate_split(dataset, gt["images"], results, workdir)
-    # An unlabelled split (Cityscapes test) keeps its files apart: the val metrics stay.
-    suffix = "" if labelled else f"_{config.data.eval_split}"
-    with open(os.path.join(workdir, f"detections{suffix}.json"), "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(workdir, f"metrics{suffix}.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    if labelled:
-        plot_ap_vs_iou({kind: metrics[kind]["AP_per_iou"] for kind in IOU_TYPES},
-                       os.path.join(workdir, "ap_vs_iou.png"),
-                       title=f"AP vs IoU threshold ({config.model.mask_head.name})")
-    write_tensorboard(workdir, eval_step(workdir) if step is None else step, metrics, drawings)
     summary = format_metrics(metrics)
     logging.info("\n%s", summary)
-    print(summary, flush=True)
+    print(summary, flush=True)                  # first: whatever cannot be written, this is seen
+    # An unlabelled split (Cityscapes test) keeps its files apart: the val metrics stay.
+    suffix = "" if labelled else f"_{config.data.eval_split}"
+    writes = [(f"metrics{suffix}.json", lambda path: _write_json(path, metrics, indent=2)),
+              (f"detections{suffix}.json", lambda path: _write_json(path, results))]
+    if labelled:
+        writes.append(("ap_vs_iou.png", lambda path: plot_ap_vs_iou(
+            {kind: metrics[kind]["AP_per_iou"] for kind in IOU_TYPES}, path,
+            title=f"AP vs IoU threshold ({config.model.mask_head.name})")))
+    writes.append(("tensorboard", lambda path: write_tensorboard(
+        workdir, eval_step(workdir) if step is None else step, metrics, drawings)))
+    for name, write in writes:
+        try:
+            write(os.path.join(workdir, name))
+        except OSError as e:
+            unwritten[name] = f"{os.path.join(workdir, name)}: {e.strerror or e}"
+            codes.append(e.errno or errno.EACCES)
+    if unwritten:
+        raise OSError(codes[0], f"the evaluation ran and its metrics are printed above, but these could not be written: "
+                      + "; ".join(unwritten.values()))
     return metrics
+
+
+def _write_json(path: str, value, **kwargs) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, **kwargs)
 
 
 TENSORBOARD_PICTURES = 4

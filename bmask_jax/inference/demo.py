@@ -28,6 +28,7 @@ from bmask_jax import errors
 
 MAX_UPLOAD_BYTES = 50 * 2 ** 20
 REQUEST_TIMEOUT_S = 30.0         # seconds a client may leave a request unfinished
+MAX_IN_FLIGHT = 16               # uploads taken at once (read, queued for the model); more get 503
 
 
 def _define_flags():
@@ -84,6 +85,7 @@ class DemoServer:
         self.max_pixels = predictor.config.predict.max_image_pixels
         self.predictions = 0
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -101,12 +103,17 @@ class DemoServer:
                 except (ConnectionError, TimeoutError):
                     self.close_connection = True
 
-            def _send(self, code: int, body: bytes, kind: str) -> None:
+            def _send(self, code: int, body: bytes, kind: str, headers: dict | None = None) -> None:
                 self.send_response(code)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _error(self, code: int, message: str, headers: dict | None = None) -> None:
+                self._send(code, json.dumps({"error": message}).encode(), "application/json", headers)
 
             def do_GET(self):
                 if self.path in ("/", "/index.html"):
@@ -117,22 +124,36 @@ class DemoServer:
             def do_POST(self):
                 if self.path != "/predict":
                     return self._send(404, b"not found", "text/plain")
-                length = self.headers.get("Content-Length", "0").strip()
+                if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                    return self._error(411, "chunked uploads are not taken: send the file with a Content-Length")
+                length = self.headers.get("Content-Length")
+                if length is None:
+                    return self._error(400, "no Content-Length: send the file with one")
+                length = length.strip()
                 if not length.isdigit():
-                    return self._send(400, json.dumps({"error": f"Content-Length {length[:40]!r} is not a number of "
-                                                       f"bytes"}).encode(), "application/json")
+                    return self._error(400, f"Content-Length {length[:40]!r} is not a number of bytes")
                 size = int(length)
                 if not 0 < size <= MAX_UPLOAD_BYTES:
-                    return self._send(413, json.dumps({"error": f"upload of {size} bytes (at most "
-                                                       f"{MAX_UPLOAD_BYTES} taken)"}).encode(), "application/json")
+                    return self._error(413, f"upload of {size} bytes (at most {MAX_UPLOAD_BYTES} taken)")
+                if not server._slots.acquire(blocking=False):
+                    # More requests than MAX_IN_FLIGHT at once: say so at once instead of queueing
+                    # their uploads in memory behind the one model.
+                    self._error(503, f"busy: {MAX_IN_FLIGHT} requests are in flight; try again", {"Retry-After": "1"})
+                    self.close_connection = True
+                    return
+                try:
+                    self._predict_upload(size)
+                finally:
+                    server._slots.release()
+
+            def _predict_upload(self, size: int) -> None:
                 data = self.rfile.read(size)
                 if len(data) < size:               # the client hung up before sending it all
-                    return self._send(400, json.dumps({"error": f"got {len(data)} of the {size} bytes the "
-                                                       f"request announced"}).encode(), "application/json")
+                    return self._error(400, f"got {len(data)} of the {size} bytes the request announced")
                 try:
                     body = server.predict(data)
                 except ValueError as e:            # not an image, or too large: say so on the page
-                    return self._send(400, json.dumps({"error": str(e)}).encode(), "application/json")
+                    return self._error(400, str(e))
                 self._send(200, json.dumps(body).encode(), "application/json")
 
         self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)

@@ -72,21 +72,34 @@ def is_url(spec: str) -> bool:
 
 
 def cache_path(url: str) -> str:
-    """Where the file of `url` lives in the cache: weights/<host>/<path>, and a folder named for
-    the query's hash before the file name where the URL has a query (m.pkl?v=1 and ?v=2 are
-    different files). A host that is not a host name (`..`) is an error, so that nothing is
-    written outside weights/."""
+    """Where the file of `url` lives in the cache: weights/<host>[_<port>]/<path>, and a folder
+    named for the query's hash before the file name where the URL has a query (m.pkl?v=1 and
+    ?v=2 are different files). The path is decoded and its `.` and `..` segments dropped, and a
+    host that is neither a host name nor an IP address (`..`, `%2e%2e`, none) is an error: the
+    file is always inside weights/. User info (user:pass@) is not part of the name."""
     parsed = urllib.parse.urlparse(expand_url(url))
     parts = [p for p in urllib.parse.unquote(parsed.path).split("/") if p not in ("", ".", "..")]
     if not parts:
         raise DownloadError(f"{url}: the URL names no file")
-    host = parsed.hostname or ""
-    if parsed.scheme in ("http", "https") and not _HOST.fullmatch(host):
-        raise DownloadError(f"{url}: {host!r} is not a host name")
-    folder = (host + (f"_{parsed.port}" if parsed.port else "")) if host else "local"
+    try:
+        host, port = parsed.hostname or "", parsed.port
+    except ValueError as e:                       # a port that is not a number
+        raise DownloadError(f"{url}: {e}") from None
+    if parsed.scheme in ("http", "https") and not (_HOST.fullmatch(host) or _is_ip(host)):
+        raise DownloadError(f"{url}: {host!r} is not a host name" if host else f"{url}: the URL has no host")
+    folder = (host.replace(":", "_") + (f"_{port}" if port else "")) if host else "local"
     if parsed.query:
         parts.insert(-1, "query-" + hashlib.sha256(parsed.query.encode()).hexdigest()[:12])
     return os.path.join(home(), "weights", folder, *parts)
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def publisher_checksum(url: str) -> tuple[str, str] | None:
@@ -101,13 +114,19 @@ def publisher_checksum(url: str) -> tuple[str, str] | None:
 
 
 def _mirrored(url: str) -> str:
+    """url on $BMASK_JAX_MIRROR, where it is set and url is on dl.fbaipublicfiles.com. The path
+    may not climb out of the mirror: no `..` segment (percent-encoded or not) is passed on, and
+    a folder mirror's file must resolve inside the folder (symbolic links included)."""
     mirror = os.environ.get("BMASK_JAX_MIRROR")
     if not mirror or not url.startswith(PUBLIC_FILES):
         return url
     rest = url[len(PUBLIC_FILES):]
+    path = urllib.parse.unquote(urllib.parse.urlparse(rest).path)
+    if ".." in path.split("/"):
+        raise DownloadError(f"{url}: its path climbs out of the mirror ($BMASK_JAX_MIRROR={mirror})")
     if "://" not in mirror:                     # a folder: the file must lie inside it
         root = os.path.realpath(mirror)
-        local = os.path.realpath(os.path.join(root, urllib.parse.unquote(rest.split("?")[0])))
+        local = os.path.realpath(os.path.join(root, path))
         if os.path.commonpath([root, local]) != root:
             raise DownloadError(f"{url}: its path leads outside the mirror folder {root} ($BMASK_JAX_MIRROR)")
         return urllib.parse.urljoin("file:", urllib.request.pathname2url(local))
