@@ -1,4 +1,8 @@
-"""Shared test helpers: the tiny config, its first training batch, and the reference files."""
+"""Shared test helpers: the tiny config, its first training batch, the reference files, and an HTTP
+server on 127.0.0.1 (with fixtures) for the download tests."""
+import http.server
+import threading
+import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -334,3 +338,80 @@ def assert_same_detections(ours: dict, theirs: dict, label: str = "") -> dict:
     np.testing.assert_allclose(ours["boxes"][pair], theirs["boxes"], atol=0.02)
     assert iou.min() > 0.98, iou
     return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# An HTTP server on 127.0.0.1 for the download tests (nothing leaves the machine)
+# ---------------------------------------------------------------------------------------------
+
+class FileServer:
+    """Serves {path: bytes}. Per path, `how[path]` is a dict of:
+    drip: seconds between bytes; stall_after: bytes sent before it goes silent (for `stall_s`);
+    cut: bytes sent before it hangs up; length: the Content-Length it claims (None: none);
+    times: how many requests it behaves so (then it serves the file plainly)."""
+
+    def __init__(self):
+        self.files, self.how, self.requests = {}, {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                server.requests.append(self.path)
+                body = server.files.get(self.path.split("?")[0])
+                if body is None:
+                    self.send_error(404, "Not Found")
+                    return
+                how = server.how.get(self.path, {})
+                if how.get("times", 1) <= 0:
+                    how = {}
+                elif how:
+                    how["times"] = how.get("times", 1) - 1
+                self.send_response(200)
+                length = how.get("length", len(body))
+                if length is not None:
+                    self.send_header("Content-Length", str(length))
+                self.end_headers()
+                try:
+                    if "drip" in how:
+                        for k in range(len(body)):
+                            self.wfile.write(body[k:k + 1])
+                            self.wfile.flush()
+                            time.sleep(how["drip"])
+                    elif "stall_after" in how:
+                        self.wfile.write(body[:how["stall_after"]])
+                        self.wfile.flush()
+                        time.sleep(how["stall_s"])
+                    else:
+                        self.wfile.write(body[:how.get("cut", len(body))])
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def file_server():
+    s = FileServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def weights_home(tmp_path, monkeypatch):
+    """An empty $BMASK_JAX_HOME of the test's own, and no mirror unless the test sets one."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("BMASK_JAX_HOME", str(home))
+    monkeypatch.delenv("BMASK_JAX_MIRROR", raising=False)
+    return home

@@ -2,93 +2,22 @@
 HTTP server on 127.0.0.1 that drips, stalls, cuts, leaves out or understates its
 Content-Length: every test starts its own server and $BMASK_JAX_HOME."""
 import hashlib
-import http.server
 import logging
 import os
 import pickle
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
+from helpers import file_server as server, weights_home as cache  # noqa: F401 - fixtures
 
 from bmask_jax.weights import download, pretrained
 from bmask_jax.weights.errors import DamagedWeightsError, UnsafeCheckpointError, WeightImportError
 
-
-class Server:
-    """Serves {path: bytes}. Per path, `how[path]` is a dict of:
-    drip: seconds between bytes; stall_after: bytes sent before it goes silent (for `stall_s`);
-    cut: bytes sent before it hangs up; length: the Content-Length it claims (None: none);
-    times: how many requests it behaves so (then it serves the file plainly)."""
-
-    def __init__(self):
-        self.files, self.how, self.requests = {}, {}, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                server.requests.append(self.path)
-                body = server.files.get(self.path.split("?")[0])
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                how = server.how.get(self.path, {})
-                if how.get("times", 1) <= 0:
-                    how = {}
-                elif how:
-                    how["times"] = how.get("times", 1) - 1
-                self.send_response(200)
-                length = how.get("length", len(body))
-                if length is not None:
-                    self.send_header("Content-Length", str(length))
-                self.end_headers()
-                try:
-                    if "drip" in how:
-                        for k in range(len(body)):
-                            self.wfile.write(body[k:k + 1])
-                            self.wfile.flush()
-                            time.sleep(how["drip"])
-                    elif "stall_after" in how:
-                        self.wfile.write(body[:how["stall_after"]])
-                        self.wfile.flush()
-                        time.sleep(how["stall_s"])
-                    else:
-                        self.wfile.write(body[:how.get("cut", len(body))])
-                        self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    monkeypatch.setenv("BMASK_JAX_HOME", str(home))
-    monkeypatch.delenv("BMASK_JAX_MIRROR", raising=False)
-    return home
+pytestmark = pytest.mark.usefixtures("cache")     # every test: its own empty $BMASK_JAX_HOME, no mirror
 
 
 def files_in(folder) -> list[str]:

@@ -3,19 +3,18 @@ download.py), against an HTTP server on 127.0.0.1 that each test starts: nothing
 machine. The checkpoints it serves are written here in detectron2's layouts (tests/helpers.py
 builds their key names and shapes from a config's numbers, independently of our tree)."""
 import hashlib
-import http.server
 import json
 import os
 import pickle
 import socket
 import subprocess
 import sys
-import threading
 
 import jax
 import numpy as np
 import pytest
 from helpers import D2_PIXELS, d2_shapes, d2_vitdet_shapes, msra_blobs, random_d2_checkpoint, tiny_config
+from helpers import file_server as server, weights_home as cache  # noqa: F401 - fixtures
 
 from bmask_jax.weights import download, model_zoo, pretrained
 from bmask_jax.models.bmask_rcnn import BMaskRCNN
@@ -25,55 +24,7 @@ from bmask_jax.weights import convert
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class FileServer:
-    """Serves {path: bytes} on 127.0.0.1; `cut[path] = n` sends the full Content-Length but
-    closes the connection after n bytes. Counts the requests per path."""
-
-    def __init__(self):
-        self.files, self.cut, self.requests = {}, {}, []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                server.requests.append(self.path)
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[:server.cut.get(self.path, len(body))])
-                self.wfile.flush()
-                self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    s = FileServer()
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """Every test gets its own empty $BMASK_JAX_HOME; no mirror unless a test sets one."""
-    home = tmp_path / "home"
-    monkeypatch.setenv("BMASK_JAX_HOME", str(home))
-    monkeypatch.delenv("BMASK_JAX_MIRROR", raising=False)
-    return home
+pytestmark = pytest.mark.usefixtures("cache")     # every test: its own empty $BMASK_JAX_HOME, no mirror
 
 
 def pickled(arrays: dict) -> bytes:
@@ -107,12 +58,12 @@ def test_download_then_cache_hit(server, cache):
 
 def test_interrupted_transfer_leaves_no_file_that_is_used(server, cache):
     body = os.urandom(2_500_000)
-    server.files["/m.pkl"], server.cut["/m.pkl"] = body, 1_000_000
+    server.files["/m.pkl"], server.how["/m.pkl"] = body, {"cut": 1_000_000}
     with pytest.raises(download.DownloadError, match=r"cut off after 1000000 of 2500000 bytes|failed after") as e:
         download.fetch(server.url + "/m.pkl", progress=False)
     assert server.url + "/m.pkl" in str(e.value) and download.cache_path(server.url + "/m.pkl") in str(e.value)
     assert leftovers(cache) == []                               # no partial file, under any name
-    del server.cut["/m.pkl"]                                     # the next try starts afresh
+    del server.how["/m.pkl"]                                     # the next try starts afresh
     assert open(download.fetch(server.url + "/m.pkl", progress=False), "rb").read() == body
     assert len(server.requests) == 2
 
