@@ -81,6 +81,7 @@ def evaluate(config, workdir: str, variables: dict, mesh=None, step: int | None 
     sizes = image_sizes(dataset, gt["images"])
     detect = make_detector(config, mesh)
     variables = sharding.put_replicated(variables, mesh)
+    os.makedirs(workdir, exist_ok=True)          # a folder that cannot be made fails here, before the model
     results, pictures, drawings = [], [], []
     pic_dir = os.path.join(workdir, "pictures")
     # What could not be written: the evaluation goes on, prints its metrics and saves what it
