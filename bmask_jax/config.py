@@ -49,7 +49,8 @@ def base() -> ml_collections.ConfigDict:
         pretrain_img_size=224, pretrain_use_cls_token=True,   # the position table's own grid
         pyramid_norm="LN",
         remat=False))                        # recompute blocks in the backward pass (less memory)
-    m.fpn = ml_collections.ConfigDict(dict(channels=256))
+    m.fpn = ml_collections.ConfigDict(dict(channels=256,
+                                           norm=""))           # "SyncBN": the large-scale-jitter baselines
     m.anchors = ml_collections.ConfigDict(dict(
         sizes=(32, 64, 128, 256, 512), aspect_ratios=(0.5, 1.0, 2.0), strides=(4, 8, 16, 32, 64),
         offset=0.0))
@@ -324,6 +325,37 @@ def vitdet(c: ml_collections.ConfigDict, size: str = "b") -> ml_collections.Conf
     return c
 
 
+LSJ_EPOCHS_100 = (184375, (163889, 177546))   # iterations at batch 64 and the lr steps, 100 epochs
+
+
+def lsj_baseline(c: ml_collections.ConfigDict, depth: int = 50, epochs: int = 100) -> ml_collections.ConfigDict:
+    """detectron2's large-scale-jitter Mask R-CNN baselines (configs/new_baselines/
+    mask_rcnn_R_{50,101}_FPN_{100,200,400}ep_LSJ.py): trained from scratch with SyncBN in the
+    stem, every stage (nothing frozen) and the FPN; a 2-conv RPN head, the 4conv1fc box head and
+    the mask head with BatchNorm convs (detectron2's NaiveSyncBatchNorm, stats_mode "N");
+    large-scale jitter at 1024; SGD at lr 0.1 for batch 64, weight decay 4e-5, warmup 500
+    iterations from 0.067; 184375 iterations a 100 epochs, the lr steps scaled with them; BGR
+    with ImageNet's mean and std (x255); bfloat16 compute (detectron2 trains them with AMP).
+    Test images: shorter side 800, longer at most 1333, as the classic configs."""
+    coco(c, depth)
+    c.model.weights = ""                                 # from scratch
+    c.model.update(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675), pixel_std=(57.375, 57.120, 58.395),
+                   compute_dtype="bfloat16")
+    c.model.backbone.update(norm="SyncBN", freeze_at=0)
+    c.model.fpn.norm = "SyncBN"
+    c.model.rpn.num_convs = 2
+    c.model.roi_heads.update(conv_dims=(256, 256, 256, 256), conv_norm="SyncBN", num_fc=1, fc_dim=1024)
+    c.model.mask_head.conv_norm = "SyncBN"
+    c.data.canvas_buckets = ((1024, 1024),) + tuple(c.data.canvas_buckets)     # the LSJ crop, then test sizes
+    c.data.lsj.update(enabled=True, size=1024)
+    iters, steps = LSJ_EPOCHS_100
+    scale = epochs / 100
+    c.train.update(optimizer="sgd", batch_size=64, base_lr=0.1, momentum=0.9, weight_decay=4e-5,
+                   warmup_iters=500, warmup_factor=0.067, max_iter=round(iters * scale),
+                   lr_steps=tuple(round(s * scale) for s in steps))
+    return c
+
+
 def small_vitdet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """ViTDet's layout at the embedded scale (after shapes or tiny): a 4-block ViT of width
     `fpn.channels` with patch 16, window attention (window 4) in blocks 0 and 2 and global
@@ -371,6 +403,8 @@ VARIANTS = {
     "cascade_r50_fpn_3x": lambda c: schedule_3x(cascade(coco(c, 50))),
     **{f"vitdet_{size}": (lambda c, size=size: vitdet(c, size)) for size in VIT_SIZES},
     **{f"cascade_vitdet_{size}": (lambda c, size=size: vitdet_cascade(vitdet(c, size))) for size in VIT_SIZES},
+    **{f"r{depth}_fpn_{epochs}ep_lsj": (lambda c, depth=depth, epochs=epochs: lsj_baseline(c, depth, epochs))
+       for depth in (50, 101) for epochs in (100, 200, 400)},
     "shapes_vitdet": lambda c: small_vitdet(shapes(c)),
     "tiny_vitdet": lambda c: small_vitdet(tiny(c)),
 }

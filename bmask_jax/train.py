@@ -31,11 +31,13 @@ def train_step(state: TrainState, batch: dict, model: BMaskRCNN, tx, seed: int, 
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
 
     def loss_fn(params):
-        losses = model.apply({"params": params, "frozen": state.frozen},
-                             {k: batch[k] for k in MODEL_KEYS}, rngs={"sampling": rng})
-        return sum(losses.values()), losses
+        # 'frozen' mutable: BatchNorm (SyncBN) layers normalise by the batch's statistics and
+        # move their running ones (layers.BatchNorm); FrozenBN reads its constants unchanged.
+        losses, updated = model.apply({"params": params, "frozen": state.frozen},
+                                      {k: batch[k] for k in MODEL_KEYS}, rngs={"sampling": rng}, mutable=["frozen"])
+        return sum(losses.values()), (losses, updated.get("frozen", state.frozen))
 
-    (total, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (total, (losses, frozen)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # One reduction over every gradient entry, not one per leaf: XLA rewrites an `all` of the
     # per-leaf flags into a chain of ~120 scalar ANDs and copies that chain into each of the
     # ~240 parameter/optimizer update fusions (88k HLO lines instead of 31k for the tiny model,
@@ -46,7 +48,7 @@ def train_step(state: TrainState, batch: dict, model: BMaskRCNN, tx, seed: int, 
     keep_old = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
         lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = state.replace(
-        step=state.step + 1, params=keep_old(params, state.params),
+        step=state.step + 1, params=keep_old(params, state.params), frozen=keep_old(frozen, state.frozen),
         opt_state=keep_old(opt_state, state.opt_state),
         first_nonfinite_step=jnp.where((state.first_nonfinite_step < 0) & ~finite, state.step,
                                        state.first_nonfinite_step),

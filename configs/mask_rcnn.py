@@ -4,7 +4,8 @@
 Variants: `shapes` (default), `tiny`; COCO from ImageNet R-50/R-101: `r50_fpn_1x`,
 `r101_fpn_1x`, `r50_fpn_3x`, `r101_fpn_3x`, `cascade_r50_fpn_1x`, `cascade_r50_fpn_3x`,
 `cascade_r101_fpn_1x` (detectron2's model zoo rows: bmask-jax zoo); ViTDet's COCO models
-`vitdet_b`, `vitdet_l`, `vitdet_h`, `cascade_vitdet_{b,l,h}`; `shapes_vitdet`, `tiny_vitdet`."""
+`vitdet_b`, `vitdet_l`, `vitdet_h`, `cascade_vitdet_{b,l,h}`; `shapes_vitdet`, `tiny_vitdet`; detectron2's
+large-scale-jitter baselines (SyncBN, from scratch) `r50_fpn_{100,200,400}ep_lsj`, `r101_fpn_{...}ep_lsj`."""
 from bmask_jax import config as base_config
 
 

@@ -78,6 +78,8 @@ def d2_shapes(config) -> dict[str, tuple]:
     def norm(name, c):
         for r in ("weight", "bias", "running_mean", "running_var"):
             shapes[f"{name}.norm.{r}"] = (c,)
+        if b.norm == "SyncBN":           # torch's BatchNorm buffers (FrozenBatchNorm2d has none)
+            shapes[f"{name}.norm.num_batches_tracked"] = ()
 
     conv("backbone.bottom_up.stem.conv1", b.stem_channels, 3, 7, bias=False)
     norm("backbone.bottom_up.stem.conv1", b.stem_channels)
@@ -100,37 +102,76 @@ def d2_shapes(config) -> dict[str, tuple]:
         cout, bott = cout * 2, bott * 2
     c = m.fpn.channels
     for level, ci in zip((2, 3, 4, 5), stage_channels):
-        conv(f"backbone.fpn_lateral{level}", c, ci, 1)
-        conv(f"backbone.fpn_output{level}", c, c, 3)
-    a = len(m.anchors.aspect_ratios)
-    conv("proposal_generator.rpn_head.conv", c, c, 3)
-    conv("proposal_generator.rpn_head.objectness_logits", a, c, 1)
-    conv("proposal_generator.rpn_head.anchor_deltas", 4 * a, c, 1)
+        for name, cin, k in ((f"backbone.fpn_lateral{level}", ci, 1), (f"backbone.fpn_output{level}", c, 3)):
+            conv(name, c, cin, k, bias=not m.fpn.norm)
+            if m.fpn.norm:
+                norm(name, c)
+    d2_rpn_and_roi_heads(shapes, config)
+    return shapes
+
+
+def d2_rpn_and_roi_heads(shapes: dict, config) -> None:
+    """Adds detectron2's RPN and ROI heads keys for a config: StandardRPNHead (one conv `conv`, or
+    `conv.conv0`, `conv.conv1`, ... for conv_dims [-1, -1]), FastRCNNConvFCHead (convs with
+    conv_norm, then FCs), the mask head's convs (with conv_norm), deconv and predictor, and the
+    boundary-preserving head's. detectron2's Conv2d(norm=...) has no bias and keeps the norm
+    under `.norm`: LayerNorm's weight and bias, BatchNorm's also running_mean and running_var."""
+    m = config.model
+
+    def conv(name, cout, cin, k, norm=""):
+        shapes[f"{name}.weight"] = (cout, cin, k, k)
+        if not norm:
+            shapes[f"{name}.bias"] = (cout,)
+        roles = {"": (), "LN": ("weight", "bias"), "SyncBN": ("weight", "bias", "running_mean", "running_var")}[norm]
+        for r in roles:
+            shapes[f"{name}.norm.{r}"] = (cout,)
+        if norm == "SyncBN":
+            shapes[f"{name}.norm.num_batches_tracked"] = ()
+
+    def linear(name, out_f, in_f):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out_f, in_f), (out_f,)
+
+    def deconv(name, cin, cout):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cin, cout, 2, 2), (cout,)
+
+    c, a = m.fpn.channels, len(m.anchors.aspect_ratios)
+    rpn = "proposal_generator.rpn_head"
+    for k in range(m.rpn.num_convs):
+        conv(f"{rpn}.conv" if m.rpn.num_convs == 1 else f"{rpn}.conv.conv{k}", c, c, 3)
+    conv(f"{rpn}.objectness_logits", a, c, 1)
+    conv(f"{rpn}.anchor_deltas", 4 * a, c, 1)
     r, fc, k = m.roi_heads.pooler_resolution, m.roi_heads.fc_dim, m.num_classes
     cascade = m.roi_heads.get("cascade") is not None and m.roi_heads.cascade.enabled
     stages = [f".{s}" for s in range(len(m.roi_heads.cascade.iou_thresholds))] if cascade else [""]
     deltas = 4 if cascade or m.roi_heads.get("class_agnostic_bbox_reg", False) else 4 * k
     for st in stages:                    # CascadeROIHeads: box_head.{stage}, box_predictor.{stage}
-        for name, o, i in ((f"box_head{st}.fc1", fc, c * r * r), (f"box_head{st}.fc2", fc, fc),
-                           (f"box_predictor{st}.cls_score", k + 1, fc), (f"box_predictor{st}.bbox_pred", deltas, fc)):
-            shapes[f"roi_heads.{name}.weight"], shapes[f"roi_heads.{name}.bias"] = (o, i), (o,)
-    d, mh = m.mask_head.conv_dim, "roi_heads.mask_head"
+        cin = c
+        for i, dim in enumerate(m.roi_heads.conv_dims):
+            conv(f"roi_heads.box_head{st}.conv{i + 1}", dim, cin, 3, m.roi_heads.conv_norm)
+            cin = dim
+        cin = cin * r * r
+        for i in range(m.roi_heads.num_fc):
+            linear(f"roi_heads.box_head{st}.fc{i + 1}", fc, cin)
+            cin = fc
+        linear(f"roi_heads.box_predictor{st}.cls_score", k + 1, fc)
+        linear(f"roi_heads.box_predictor{st}.bbox_pred", deltas, fc)
+    dm, mh, norm = m.mask_head.conv_dim, "roi_heads.mask_head", m.mask_head.conv_norm
     for i in range(m.mask_head.num_conv):
-        conv(f"{mh}.mask_fcn{i + 1}", d, c if i == 0 else d, 3)
-    deconvs = ["mask_deconv", "boundary_deconv"] if m.mask_head.name == "bmask" else ["deconv"]
-    predictors = ["mask_predictor", "boundary_predictor"] if m.mask_head.name == "bmask" else ["predictor"]
+        conv(f"{mh}.mask_fcn{i + 1}", dm, c if i == 0 else dm, 3, norm)
     if m.mask_head.name == "bmask":
-        conv(f"{mh}.downsample", d, c, 3)
-        conv(f"{mh}.mask_to_boundary", d, d, 1)
+        conv(f"{mh}.downsample", dm, c, 3, norm)
+        conv(f"{mh}.mask_to_boundary", dm, dm, 1, norm)
         for i in range(m.boundary.num_conv):
-            conv(f"{mh}.boundary_fcn{i + 1}", d, d, 3)
-        conv(f"{mh}.boundary_to_mask", d, d, 1)
-        conv(f"{mh}.mask_final_fusion", d, d, 3)
-    for name in deconvs:
-        shapes[f"{mh}.{name}.weight"], shapes[f"{mh}.{name}.bias"] = (d, d, 2, 2), (d,)
-    for name in predictors:
-        conv(f"{mh}.{name}", k, d, 1)
-    return shapes
+            conv(f"{mh}.boundary_fcn{i + 1}", dm, dm, 3, norm)
+        conv(f"{mh}.boundary_to_mask", dm, dm, 1, norm)
+        conv(f"{mh}.mask_final_fusion", dm, dm, 3, norm)
+        for name in ("mask_deconv", "boundary_deconv"):
+            deconv(f"{mh}.{name}", dm, dm)
+        for name in ("mask_predictor", "boundary_predictor"):
+            conv(f"{mh}.{name}", k, dm, 1)
+    else:
+        deconv(f"{mh}.deconv", dm, dm)
+        conv(f"{mh}.predictor", k, dm, 1)
 
 
 def d2_vitdet_shapes(config) -> dict[str, tuple]:
@@ -183,43 +224,7 @@ def d2_vitdet_shapes(config) -> dict[str, tuple]:
     conv("backbone.simfp_4.1", c, c, 3, "LN")
     conv("backbone.simfp_5.1", c, d, 1, "LN")          # simfp_5.0 is the max-pool
     conv("backbone.simfp_5.2", c, c, 3, "LN")
-    a = len(m.anchors.aspect_ratios)
-    for k in range(m.rpn.num_convs):
-        conv(f"proposal_generator.rpn_head.conv.conv{k}", c, c, 3)
-    conv("proposal_generator.rpn_head.objectness_logits", a, c, 1)
-    conv("proposal_generator.rpn_head.anchor_deltas", 4 * a, c, 1)
-    r, fc, k = m.roi_heads.pooler_resolution, m.roi_heads.fc_dim, m.num_classes
-    cascade = m.roi_heads.cascade.enabled
-    stages = [f".{s}" for s in range(len(m.roi_heads.cascade.iou_thresholds))] if cascade else [""]
-    deltas = 4 if cascade or m.roi_heads.class_agnostic_bbox_reg else 4 * k
-    for st in stages:
-        cin = c
-        for i, dim in enumerate(m.roi_heads.conv_dims):
-            conv(f"roi_heads.box_head{st}.conv{i + 1}", dim, cin, 3, m.roi_heads.conv_norm)
-            cin = dim
-        cin = cin * r * r
-        for i in range(m.roi_heads.num_fc):
-            linear(f"roi_heads.box_head{st}.fc{i + 1}", fc, cin)
-            cin = fc
-        linear(f"roi_heads.box_predictor{st}.cls_score", k + 1, fc)
-        linear(f"roi_heads.box_predictor{st}.bbox_pred", deltas, fc)
-    dm, mh, norm = m.mask_head.conv_dim, "roi_heads.mask_head", m.mask_head.conv_norm
-    for i in range(m.mask_head.num_conv):
-        conv(f"{mh}.mask_fcn{i + 1}", dm, c if i == 0 else dm, 3, norm)
-    if m.mask_head.name == "bmask":
-        conv(f"{mh}.downsample", dm, c, 3, norm)
-        conv(f"{mh}.mask_to_boundary", dm, dm, 1, norm)
-        for i in range(m.boundary.num_conv):
-            conv(f"{mh}.boundary_fcn{i + 1}", dm, dm, 3, norm)
-        conv(f"{mh}.boundary_to_mask", dm, dm, 1, norm)
-        conv(f"{mh}.mask_final_fusion", dm, dm, 3, norm)
-        for name in ("mask_deconv", "boundary_deconv"):
-            deconv(f"{mh}.{name}", dm, dm)
-        for name in ("mask_predictor", "boundary_predictor"):
-            conv(f"{mh}.{name}", k, dm, 1)
-    else:
-        deconv(f"{mh}.deconv", dm, dm)
-        conv(f"{mh}.predictor", k, dm, 1)
+    d2_rpn_and_roi_heads(shapes, config)
     return shapes
 
 

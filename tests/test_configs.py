@@ -80,6 +80,7 @@ DETECTRON2_MASK_RCNN_R50_FPN_1X = {
     "backbone.norm": ("RESNETS.NORM", "FrozenBN"),
     "backbone.freeze_at": ("BACKBONE.FREEZE_AT", 2),
     "fpn.channels": ("FPN.OUT_CHANNELS", 256),
+    "fpn.norm": ("FPN.NORM", ""),
     "anchors.sizes": ("ANCHOR_GENERATOR.SIZES", (32, 64, 128, 256, 512)),
     "anchors.aspect_ratios": ("ANCHOR_GENERATOR.ASPECT_RATIOS", (0.5, 1.0, 2.0)),
     "anchors.strides": ("p2..p6 strides", (4, 8, 16, 32, 64)),

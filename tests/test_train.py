@@ -185,9 +185,9 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_not_applied():
     from bmask_jax.train import MODEL_KEYS
 
     class SqrtModel:
-        def apply(self, variables, batch, rngs):
+        def apply(self, variables, batch, rngs, mutable=()):     # flax's contract: (output, mutated collections)
             p = variables["params"]
-            return {"loss_a": jnp.sum(jnp.sqrt(p["a"])), "loss_b": jnp.sum(p["b"] ** 2)}
+            return {"loss_a": jnp.sum(jnp.sqrt(p["a"])), "loss_b": jnp.sum(p["b"] ** 2)}, {}
 
     params = {"a": jnp.array([1.0, 0.0, 4.0]), "b": jnp.ones((2, 2))}
     tx = optax.sgd(0.1)

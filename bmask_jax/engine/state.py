@@ -20,7 +20,7 @@ from bmask_jax.models.bmask_rcnn import BMaskRCNN
 class TrainState:
     step: jnp.ndarray
     params: Any
-    frozen: Any            # FrozenBN scale/shift: constants, not trained
+    frozen: Any            # FrozenBN scale/shift and BatchNorm running statistics: not trained by the optimizer
     opt_state: Any
     first_nonfinite_step: jnp.ndarray   # -1 until a step produced a non-finite loss or gradient
     num_skipped: jnp.ndarray            # steps skipped because they were non-finite

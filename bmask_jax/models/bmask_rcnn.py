@@ -79,7 +79,7 @@ class BMaskRCNN(nn.Module):
             raise ValueError(f"model.backbone.name must be 'resnet', 'hrnet' or 'vit', got {b.name!r}")
         # ViTDet's simple feature pyramid on the ViT's last map; the FPN on the others' stages.
         self.fpn = (SimpleFeaturePyramid(cfg.fpn.channels, norm=b.vit.pyramid_norm, dtype=dtype)
-                    if b.name == "vit" else FPN(cfg.fpn.channels, dtype))
+                    if b.name == "vit" else FPN(cfg.fpn.channels, dtype, cfg.fpn.norm))
         self.rpn_head = RPNHead(len(cfg.anchors.aspect_ratios), cfg.rpn.num_convs, dtype)
         r = cfg.roi_heads
         if r.cascade.enabled:

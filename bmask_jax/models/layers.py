@@ -124,17 +124,68 @@ class FrozenBatchNorm(nn.Module):
 
 
 def make_norm(kind: str, num_groups: int = 32, dtype: Any = jnp.float32, name: str | None = None) -> nn.Module:
-    """'FrozenBN' (pretrained weights), 'GN' (training from scratch), 'LN' (per-pixel
-    LayerNorm over the channels: ViTDet's feature pyramid and heads) or '' (none)."""
+    """'FrozenBN' (pretrained weights), 'SyncBN' (BatchNorm over the global batch: the
+    large-scale-jitter baselines, trained from scratch), 'GN' (training from scratch), 'LN'
+    (per-pixel LayerNorm over the channels: ViTDet's feature pyramid and heads) or '' (none)."""
     if kind == "FrozenBN":
         return FrozenBatchNorm(name=name)
+    if kind == "SyncBN":
+        return BatchNorm(dtype=dtype, name=name)
     if kind == "GN":
         return GroupNormAuto(num_groups, dtype=dtype, name=name)
     if kind == "LN":
         return ChannelLayerNorm(dtype=dtype, name=name)
     if kind == "":
         return Identity(name=name)
-    raise ValueError(f"norm must be 'FrozenBN', 'GN', 'LN' or '', got {kind!r}")
+    raise ValueError(f"norm must be 'FrozenBN', 'SyncBN', 'GN', 'LN' or '', got {kind!r}")
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm over the channels (last axis) with PyTorch's eps 1e-5 and momentum 0.1.
+
+    Batch statistics in training, running statistics otherwise; training is when the 'frozen'
+    collection is mutable (the train step applies the model with mutable=['frozen']), so no
+    flag needs threading through every module. Under jit over a data-parallel mesh the batch
+    axis is the global batch, so the statistics are those of every device's images together
+    (SyncBN) and XLA inserts the cross-device reduction itself. `valid` ([N] over the leading
+    axis, e.g. RoI slots) leaves padded rows out of the statistics, as detectron2's
+    NaiveSyncBatchNorm(stats_mode="N") counts only real samples; with no valid row the
+    running statistics are not moved. The scale and bias are parameters; the running mean and
+    variance live in 'frozen' (not trained by the optimizer). The running variance is the
+    unbiased one (n / (n - 1)), as torch.nn.SyncBatchNorm keeps it."""
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, valid=None):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        running_mean = self.variable("frozen", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        running_var = self.variable("frozen", "var", lambda: jnp.ones((c,), jnp.float32))
+        y = x.astype(jnp.float32)
+        if self.is_mutable_collection("frozen"):
+            axes = tuple(range(x.ndim - 1))
+            per_row = math.prod(x.shape[1:-1])
+            if valid is None:
+                weight, count = None, jnp.asarray(math.prod(x.shape[:-1]), jnp.float32)
+            else:
+                weight = valid.reshape((-1,) + (1,) * (x.ndim - 1)).astype(jnp.float32)
+                count = weight.sum() * per_row
+            total = jnp.maximum(count, 1.0)
+            mean = (y if weight is None else y * weight).sum(axes) / total
+            centred = jnp.square(y - mean)
+            var = (centred if weight is None else centred * weight).sum(axes) / total
+            if not self.is_initializing():
+                momentum = self.momentum * (count > 0)          # nothing seen: nothing moves
+                unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+                running_mean.value = running_mean.value + momentum * (jax.lax.stop_gradient(mean) - running_mean.value)
+                running_var.value = running_var.value + momentum * (jax.lax.stop_gradient(unbiased) - running_var.value)
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (y - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return y.astype(self.dtype)
 
 
 class ChannelLayerNorm(nn.Module):

@@ -122,7 +122,13 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
                          "(BGR, MSRA mean, std 1, stride_in_1x1=True)")
     if kind == "mae":
         return changes, notes                 # a ViT: model.backbone.norm does not apply
-    if kind != "detectron2" or any(k.endswith("norm.running_mean") for k in checkpoint):
+    if kind == "detectron2" and any(re.fullmatch(r"backbone\.bottom_up\..*norm\.num_batches_tracked", k)
+                                    for k in checkpoint):
+        # Trained with (Sync)BatchNorm, whose buffers include num_batches_tracked (detectron2's
+        # FrozenBatchNorm2d has none): the large-scale-jitter baselines, trained from scratch.
+        changes["model.backbone.norm"] = "SyncBN"
+        notes.append("BatchNorm buffers with num_batches_tracked: a model trained with SyncBN")
+    elif kind != "detectron2" or any(k.endswith("norm.running_mean") for k in checkpoint):
         changes["model.backbone.norm"] = "FrozenBN"
     elif any(re.fullmatch(r"backbone\.bottom_up\..*norm\.weight", k) for k in checkpoint):
         changes["model.backbone.norm"] = "GN"

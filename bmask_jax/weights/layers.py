@@ -10,7 +10,7 @@ from bmask_jax.weights.errors import WeightImportError
 @dataclasses.dataclass(frozen=True)
 class Layer:
     """One layer of our model: its module path (e.g. ('backbone', 'res2_0', 'conv1')), its
-    kind (conv | deconv | dense | frozen_bn | group_norm | layer_norm | tensor) and its leaves
+    kind (conv | deconv | dense | frozen_bn | bn_stats | group_norm | layer_norm | tensor) and its leaves
     {leaf name: (collection, full path in that collection, shape)}."""
     path: tuple[str, ...]
     kind: str
@@ -50,7 +50,8 @@ def model_layers(params, frozen) -> list[Layer]:
 
     Conv: <path>/Conv_0/{kernel (kh, kw, in, out), bias?}; GroupNorm: <path>/GroupNorm_0/
     {scale, bias}; Deconv2x: <path>/{kernel (2, 2, in, out), bias}; Dense: <path>/{kernel
-    (in, out), bias}; FrozenBN: frozen <path>/{scale, shift}; LayerNorm: <path>/{scale, bias};
+    (in, out), bias}; FrozenBN: frozen <path>/{scale, shift}; LayerNorm, and a BatchNorm's affine:
+    <path>/{scale, bias}; a BatchNorm's running statistics: frozen <path>/{mean, var} (bn_stats);
     tensor: a module's own parameters that are none of these, copied as they are (ViT's
     pos_embed, an attention's rel_pos_h and rel_pos_w).
     """
@@ -66,6 +67,8 @@ def model_layers(params, frozen) -> list[Layer]:
         leaves = g["leaves"]
         if collection == "frozen" and set(leaves) == {"scale", "shift"}:
             kind = "frozen_bn"
+        elif collection == "frozen" and set(leaves) == {"mean", "var"}:
+            kind = "bn_stats"                   # a BatchNorm's running statistics (its affine: layer_norm)
         elif g["wrapper"] == "Conv_0":
             kind = "conv"
         elif g["wrapper"] == "GroupNorm_0":

@@ -21,6 +21,7 @@ DETECTRON2_RULES: list[Rule] = [
     (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)", r"backbone.bottom_up.res\1.\2.\3"),
     (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)_norm", r"backbone.bottom_up.res\1.\2.\3.norm"),
     (r"fpn/(fpn_lateral\d|fpn_output\d)", r"backbone.\1"),
+    (r"fpn/(fpn_lateral\d|fpn_output\d)_norm", r"backbone.\1.norm"),          # FPN(norm="SyncBN")
     # ViTDet (SimpleFeaturePyramid around ViT): the ViT is backbone.net, the pyramid's
     # layers backbone.simfp_<stage>.<index> (a conv's norm: .norm).
     (r"backbone/patch_embed", "backbone.net.patch_embed.proj"),
@@ -143,6 +144,8 @@ def source_keys(kind: str, layer: Layer, module: str) -> dict[str, str]:
         return roles
     if layer.kind == "frozen_bn":
         return {r: f"{module}.{r}" for r in ("weight", "bias", "running_mean", "running_var")}
+    if layer.kind == "bn_stats":
+        return {r: f"{module}.{r}" for r in ("running_mean", "running_var")}
     if layer.kind == "tensor":
         return {leaf: f"{module}.{leaf}" if module else leaf for leaf in layer.leaves}
     roles = {"weight": f"{module}.weight"}

@@ -93,6 +93,18 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
           ("cascade_mask_rcnn", "b", "f325358525", "435fa9", 54.0, 46.7),
           ("cascade_mask_rcnn", "l", "f328021305", "1a9f28", 57.6, 50.0),
           ("cascade_mask_rcnn", "h", "f328730692", "f05665", 58.7, 51.0)]],
+    # detectron2's MODEL_ZOO.md, "New baselines using Large-Scale Jitter and Longer Training
+    # Schedule" (COCO val): trained from scratch with SyncBN.
+    *[ZooEntry(f"mask_rcnn_R_{depth}_FPN_{epochs}ep_LSJ", f"configs/mask_rcnn.py:r{depth}_fpn_{epochs}ep_lsj",
+               f"{_D2}new_baselines/mask_rcnn_R_{depth}_FPN_{epochs}ep_LSJ/{run}/model_final_{md5}.pkl",
+               "detectron2", "COCO", box, mask, license=D2_LICENSE)
+      for depth, epochs, run, md5, box, mask in [
+          (50, 100, 42047764, "bb69de", 44.6, 40.3),
+          (50, 200, 42047638, "89a8d3", 46.3, 41.7),
+          (50, 400, 42019571, "14d201", 47.4, 42.5),
+          (101, 100, 42025812, "4f7b58", 46.4, 41.6),
+          (101, 200, 42131867, "0bb7ae", 48.0, 43.1),
+          (101, 400, 42073830, "f96b26", 48.9, 43.7)]],
     # The authors' README (github.com/hustvl/BMaskR-CNN): mask AP only.
     *[ZooEntry(name, config, url, _AUTHORS, dataset, None, mask_ap, file_name=f"{name}.pth", manual=True,
                license=AUTHORS_LICENSE)

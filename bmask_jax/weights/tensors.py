@@ -43,6 +43,9 @@ def expected_source_shapes(layer: Layer, roles: dict[str, str]) -> dict[str, tup
     if layer.kind in ("frozen_bn", "group_norm", "layer_norm"):
         c = layer.shape("scale")[0]
         return {r: (c,) for r in roles}
+    if layer.kind == "bn_stats":
+        c = layer.shape("mean")[0]
+        return {r: (c,) for r in roles}
     if layer.kind == "tensor":                      # stored as we keep them
         return {r: layer.shape(r) for r in roles}
     k = layer.shape("kernel")
@@ -60,6 +63,8 @@ def convert_layer(layer: Layer, arrays: dict[str, np.ndarray], roi_chw=None) -> 
         return {"scale": scale, "shift": shift}
     if layer.kind in ("group_norm", "layer_norm"):
         return {"scale": arrays["weight"], "bias": arrays["bias"]}
+    if layer.kind == "bn_stats":
+        return {"mean": arrays["running_mean"], "var": arrays["running_var"]}
     if layer.kind == "tensor":
         return dict(arrays)
     w = arrays["weight"]
