@@ -323,7 +323,9 @@ def assert_same_detections(ours: dict, theirs: dict, label: str = "") -> dict:
     """detectron2's detections (boxes, scores, classes, masks) against ours: each of theirs is
     paired with ours of the same class and nearest box (the score order alone is ambiguous
     where two scores agree to float precision); classes equal, scores within 1e-4, boxes within
-    0.02 px, every mask IoU above 0.98. Returns (and prints) the differences measured."""
+    0.02 px, every mask IoU above 0.98 or a single pixel apart (a pixel whose pasted value lies
+    at the 0.5 threshold within float noise can flip: in a 12-pixel mask that alone is IoU 0.92).
+    Returns (and prints) the differences measured."""
     n = len(theirs["scores"])
     assert len(ours["scores"]) == n, (len(ours["scores"]), n)
     cost = np.abs(ours["boxes"][:, None] - theirs["boxes"][None]).max(-1)
@@ -341,7 +343,8 @@ def assert_same_detections(ours: dict, theirs: dict, label: str = "") -> dict:
     np.testing.assert_array_equal(ours["classes"][pair], theirs["classes"])
     np.testing.assert_allclose(ours["scores"][pair], theirs["scores"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours["boxes"][pair], theirs["boxes"], atol=0.02)
-    assert iou.min() > 0.98, iou
+    differing = (mo ^ mt).reshape(n, -1).sum(1)
+    assert ((iou > 0.98) | (differing <= 1)).all(), (iou, differing)
     return figures
 
 

@@ -178,3 +178,28 @@ def test_bmask_configs_differ_from_the_baseline_in_the_head_only():
         assert {k for k in base if base[k] != bmask[k]} == {"model.mask_head.name",
                                                             "model.roi_heads.train_on_pred_boxes"}
         assert bmask["model.mask_head.name"] == "bmask" and bmask["model.roi_heads.train_on_pred_boxes"]
+
+
+@pytest.mark.parametrize("depth,epochs", [(50, 100), (50, 200), (101, 400)])
+def test_lsj_baselines_are_detectron2s(depth, epochs):
+    """configs/new_baselines/mask_rcnn_R_{depth}_FPN_{epochs}ep_LSJ.py, value by value (numbers
+    copied from detectron2's file and its configs/common/models/mask_rcnn_fpn.py)."""
+    for file in (mask_rcnn, bmask_rcnn):
+        c = file.get_config(f"r{depth}_fpn_{epochs}ep_lsj")
+        m, t = c.model, c.train
+        assert m.weights == "" and m.backbone.depth == depth
+        assert (m.backbone.norm, m.backbone.freeze_at, m.fpn.norm) == ("SyncBN", 0, "SyncBN")
+        assert m.rpn.num_convs == 2
+        assert (tuple(m.roi_heads.conv_dims), m.roi_heads.conv_norm, m.roi_heads.num_fc, m.roi_heads.fc_dim) == \
+            ((256, 256, 256, 256), "SyncBN", 1, 1024)
+        assert m.mask_head.conv_norm == "SyncBN"
+        assert (m.input_format, tuple(m.pixel_mean), tuple(m.pixel_std)) == \
+            ("BGR", (103.530, 116.280, 123.675), (57.375, 57.120, 58.395))
+        assert m.compute_dtype == "bfloat16"
+        assert (c.data.lsj.enabled, c.data.lsj.size, c.data.lsj.min_scale, c.data.lsj.max_scale) == (True, 1024, 0.1, 2.0)
+        assert (1024, 1024) in tuple(map(tuple, c.data.canvas_buckets))
+        assert (c.data.test_short_side, c.data.max_size) == (800, 1333)
+        scale = epochs // 100
+        assert (t.optimizer, t.batch_size, t.base_lr, t.momentum, t.weight_decay) == ("sgd", 64, 0.1, 0.9, 4e-5)
+        assert (t.warmup_iters, t.warmup_factor, t.weight_decay_norm) == (500, 0.067, 0.0)
+        assert t.max_iter == 184375 * scale and tuple(t.lr_steps) == (163889 * scale, 177546 * scale)

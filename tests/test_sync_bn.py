@@ -69,7 +69,8 @@ def test_no_valid_row_moves_nothing_and_stays_finite():
 
 def worker(out_path: str) -> None:
     """In a subprocess with 4 CPU devices: one train step of a tiny SyncBN model (stem, every
-    stage and the FPN) on 1 device and on 4, from the same state and global batch."""
+    stage, the FPN and the box head's convs) on 1 device and on 4, from the same state and
+    global batch."""
     from helpers import tiny_config
 
     from bmask_jax.data.pipeline import TrainBatches, build_dataset
@@ -82,6 +83,8 @@ def worker(out_path: str) -> None:
     c = tiny_config()
     c.model.backbone.update(norm="SyncBN", freeze_at=0)
     c.model.fpn.norm = "SyncBN"
+    # Box-head convs with BatchNorm over the sampled RoIs (padding slots left out).
+    c.model.roi_heads.update(conv_dims=(c.model.fpn.channels,) * 2, conv_norm="SyncBN", num_fc=1)
     c.train.batch_size = 4
     model = BMaskRCNN(c.model)
     state, tx = create_train_state(c, model, jax.random.PRNGKey(0))

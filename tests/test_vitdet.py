@@ -9,7 +9,7 @@
   detectron2's modules) imports into ViTDet-B, Cascade ViTDet-B and the small variant with
   no missing, unexpected or mis-shaped key and no layer left fresh.
 
-detectron2's own ViTDet runs in tests/test_vitdet_parity.py where its sources are present."""
+detectron2's own ViTDet runs in tests/test_lazyconfig_parity.py where its sources are present."""
 import jax
 import jax.numpy as jnp
 import numpy as np

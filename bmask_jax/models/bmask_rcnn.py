@@ -187,9 +187,11 @@ class BMaskRCNN(nn.Module):
         return list(zip(self.box_heads, self.box_predictors, r.cascade.iou_thresholds,
                         [tuple(w) for w in r.cascade.bbox_reg_weights]))
 
-    def box_features(self, pyramid, boxes, head, num_stages: int):
+    def box_features(self, pyramid, boxes, head, num_stages: int, valid=None):
         """RoIAlign 7x7 + the FC head for boxes [B, S, 4] -> [B*S, fc_dim]. Under a cascade
-        each stage's head passes 1/num_stages of the gradient to the shared features."""
+        each stage's head passes 1/num_stages of the gradient to the shared features. valid
+        [B, S]: the sampled RoIs, the only ones a BatchNorm in the head counts (padding slots
+        are not RoIs)."""
         r = self.cfg.roi_heads
         b, s = boxes.shape[:2]
         feats = pool(pyramid, ROI_LEVELS, ROI_STRIDES, boxes, r.pooler_resolution, r.sampling_ratio,
@@ -197,7 +199,7 @@ class BMaskRCNN(nn.Module):
         feats = feats.reshape(b * s, *feats.shape[2:])
         if num_stages > 1:
             feats = scale_gradient(feats, 1.0 / num_stages)
-        return head(feats)
+        return head(feats, None if valid is None else valid.reshape(b * s))
 
     def box_branch_losses(self, pyramid, proposals, proposal_valid, proposal_ids, batch, rng):
         """Sample RoIs from the proposals (plus GT), then the box loss of each stage; later
@@ -221,7 +223,7 @@ class BMaskRCNN(nn.Module):
                 rois = jax.vmap(lambda bx, v, gb, gc, gv: relabel_boxes(bx, v, gb, gc, gv, iou, k))(
                     jax.lax.stop_gradient(boxes), prev[0]["valid"], *gt)
             s = rois["boxes"].shape[1]
-            logits, deltas = predictor(self.box_features(pyramid, rois["boxes"], head, len(stages)))
+            logits, deltas = predictor(self.box_features(pyramid, rois["boxes"], head, len(stages), rois["valid"]))
             flat = {key: v.reshape(b * s, *v.shape[2:]) for key, v in rois.items()}
             matched_gt = jnp.take_along_axis(batch["gt_boxes"], rois["gt_index"][..., None], axis=1)
             stage_losses = box_losses(logits, deltas, flat, matched_gt.reshape(b * s, 4), k, weights,

@@ -28,9 +28,10 @@ class BoxHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
+        """valid [N]: the RoIs a BatchNorm's statistics count (None: all)."""
         for i, dim in enumerate(self.conv_dims):
-            x = conv_norm_relu(x, dim, 3, 1, self.conv_norm, f"conv{i + 1}", self.dtype)
+            x = conv_norm_relu(x, dim, 3, 1, self.conv_norm, f"conv{i + 1}", self.dtype, valid)
         x = x.reshape(x.shape[0], -1)
         for i in range(self.num_fc):
             x = nn.relu(nn.Dense(self.fc_dim, kernel_init=xavier_fill, dtype=self.dtype,

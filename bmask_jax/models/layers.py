@@ -87,11 +87,13 @@ class Conv(nn.Module):
                        conv_general_dilated=cpu_kernels.conv_general_dilated)(x)
 
 
-def conv_norm_relu(x, features: int, kernel: int, stride: int, norm: str, name: str, dtype):
+def conv_norm_relu(x, features: int, kernel: int, stride: int, norm: str, name: str, dtype, valid=None):
     """Inside a module's compact call: conv `name` (a bias only without a norm), the norm
-    `<name>_norm` and ReLU, as detectron2's Conv2d(norm=..., activation=ReLU) in its heads."""
+    `<name>_norm` and ReLU, as detectron2's Conv2d(norm=..., activation=ReLU) in its heads.
+    valid [N]: the rows a BatchNorm's statistics count (RoI slots that hold RoIs)."""
     x = Conv(features, kernel, stride, use_bias=not norm, dtype=dtype, name=name)(x)
-    return nn.relu(make_norm(norm, dtype=dtype, name=f"{name}_norm")(x))
+    layer = make_norm(norm, dtype=dtype, name=f"{name}_norm")
+    return nn.relu(layer(x, valid) if isinstance(layer, BatchNorm) else layer(x))
 
 
 class Deconv2x(nn.Module):

@@ -1,8 +1,10 @@
-"""ViTDet against detectron2 itself: detectron2's own LazyConfig (projects/ViTDet/configs/COCO,
-from its newest sources: ViTDet is not in the release PyPI serves) builds the model with
-random weights, runs an image as its test mapper does (longer side 1024, padded to the square
-1024 canvas), and its state dict goes through our weight import and predict path. Both must
-return the same detections: classes, scores, boxes and pasted masks.
+"""ViTDet and the large-scale-jitter baselines against detectron2 itself: detectron2's own
+LazyConfigs (projects/ViTDet/configs/COCO and configs/new_baselines, from its newest sources:
+neither is in the release PyPI serves) build the model with random weights, run an image as
+their test mapper does (ViTDet: longer side 1024, padded to the square 1024 canvas; the LSJ
+baselines: shorter side 800, longer at most 1333, BGR), and the state dict goes through our
+weight import and predict path. Both must return the same detections: classes, scores, boxes
+and pasted masks.
 
 Runs where those sources import (PYTHONPATH at a detectron2 checkout with projects/ViTDet,
 torchvision, timm; docs/model_zoo.md, "Checking against detectron2", says how); skipped
@@ -42,28 +44,53 @@ from helpers import assert_same_detections  # noqa: E402
 
 NUM_CLASSES = 5
 SOURCES = os.path.dirname(os.path.dirname(detectron2.__file__))
-CONFIGS = os.path.join(SOURCES, "projects", "ViTDet", "configs", "COCO")
-if not os.path.isdir(CONFIGS):
-    pytest.skip(f"no {CONFIGS}: the detectron2 checkout needs projects/ViTDet", allow_module_level=True)
+VITDET = os.path.join(SOURCES, "projects", "ViTDet", "configs", "COCO")
+LSJ = os.path.join(SOURCES, "configs", "new_baselines")
+if not os.path.isdir(VITDET):
+    pytest.skip(f"no {VITDET}: the detectron2 checkout needs projects/ViTDet", allow_module_level=True)
+BATCH_NORMS = ("BatchNorm2d", "SyncBatchNorm", "NaiveSyncBatchNorm")
 
 
-def d2_model(name: str, image_rgb):
-    """detectron2's ViTDet with random weights, the predictors scaled to the features they see
-    on this image (logits over a few units, moderate deltas) so that tiny float differences
-    cannot reorder anything. The LayerNorms get random affines."""
-    cfg = LazyConfig.load(os.path.join(CONFIGS, f"{name}.py"))
+class Mapper:
+    """A LazyConfig's test mapper: the resize, and the channel order the model reads."""
+
+    def __init__(self, short: int, longest: int, input_format: str):
+        self.short, self.longest, self.input_format = short, longest, input_format
+
+    def __call__(self, image_rgb):
+        resized = T.ResizeShortestEdge(self.short, self.longest).get_transform(image_rgb).apply_image(image_rgb)
+        return resized[:, :, ::-1] if self.input_format == "BGR" else resized
+
+
+def d2_model(path: str, image_rgb, mapper: Mapper):
+    """detectron2's model from a LazyConfig with random weights, the predictors scaled to the
+    features they see on this image (logits over a few units, moderate deltas) so that tiny
+    float differences cannot reorder anything. LayerNorms and BatchNorms get random affines;
+    the BatchNorms' running statistics are those of this image (one pass in training mode with
+    momentum 1, as pretrained statistics would fit it: with identity statistics a random ResNet's
+    activations grow without bound); the mask head's, which sees no RoI before the predictors
+    are scaled, keep identity statistics."""
+    cfg = LazyConfig.load(path)
     cfg.model.roi_heads.num_classes = NUM_CLASSES
     torch.manual_seed(0)
     model = instantiate(cfg.model).eval()
+    batch_norms = [(name, m) for name, m in model.named_modules() if type(m).__name__ in BATCH_NORMS]
     with torch.no_grad():
         for module in model.modules():
-            if type(module).__name__ == "LayerNorm":
+            if type(module).__name__ in ("LayerNorm",) + BATCH_NORMS:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.normal_(0.0, 0.2)
+    calibrated = [m for name, m in batch_norms if not name.startswith("roi_heads.mask_head")]
+    for m in calibrated:
+        m.train()
+        m.momentum = 1.0
+    d2_detect(model, image_rgb, mapper)
+    for m in calibrated:
+        m.eval()
     rpn = model.proposal_generator.rpn_head
     rpn_features, box_features = [], []
     hook = rpn.conv.register_forward_hook(lambda _m, _i, out: rpn_features.append(out))
-    d2_detect(model, image_rgb)
+    d2_detect(model, image_rgb, mapper)
     hook.remove()
     with torch.no_grad():
         rpn_norm = float(torch.cat([f.norm(dim=1).flatten() for f in rpn_features]).mean())
@@ -74,7 +101,7 @@ def d2_model(name: str, image_rgb):
     predictors = model.roi_heads.box_predictor
     predictors = list(predictors) if isinstance(predictors, torch.nn.ModuleList) else [predictors]
     hook = heads[0].register_forward_hook(lambda _m, _i, out: box_features.append(out))
-    d2_detect(model, image_rgb)
+    d2_detect(model, image_rgb, mapper)
     hook.remove()
     with torch.no_grad():
         box_norm = float(box_features[0].norm(dim=1).mean())
@@ -84,11 +111,10 @@ def d2_model(name: str, image_rgb):
     return model
 
 
-def d2_detect(model, image_rgb):
-    """ViTDet's test mapper (ResizeShortestEdge(1024, max_size=1024)) and the model on an RGB
-    image (the model's input_format)."""
+def d2_detect(model, image_rgb, mapper: Mapper):
+    """The test mapper and the model on an RGB image."""
     h, w = image_rgb.shape[:2]
-    resized = T.ResizeShortestEdge(1024, 1024).get_transform(image_rgb).apply_image(image_rgb)
+    resized = np.ascontiguousarray(mapper(image_rgb))
     inputs = {"image": torch.as_tensor(resized.astype("float32").transpose(2, 0, 1)), "height": h, "width": w}
     with torch.no_grad():
         inst = model([inputs])[0]["instances"]
@@ -101,22 +127,34 @@ def parity_image():
     return np.asarray(Image.fromarray(image).resize((330, 240), Image.BILINEAR))
 
 
-@pytest.mark.parametrize("name,variant", [("mask_rcnn_vitdet_b_100ep", "vitdet_b"),
-                                          ("cascade_mask_rcnn_vitdet_b_100ep", "cascade_vitdet_b")])
-def test_same_detections_as_detectron2_vitdet(tmp_path, name, variant):
+CASES = [  # (detectron2 LazyConfig, our variant, its test mapper)
+    (os.path.join(VITDET, "mask_rcnn_vitdet_b_100ep.py"), "vitdet_b", Mapper(1024, 1024, "RGB")),
+    (os.path.join(VITDET, "cascade_mask_rcnn_vitdet_b_100ep.py"), "cascade_vitdet_b", Mapper(1024, 1024, "RGB")),
+    (os.path.join(LSJ, "mask_rcnn_R_50_FPN_100ep_LSJ.py"), "r50_fpn_100ep_lsj", Mapper(800, 1333, "BGR")),
+]
+
+
+@pytest.mark.parametrize("path,variant,mapper", CASES, ids=[os.path.basename(c[0])[:-3] for c in CASES])
+def test_same_detections_as_detectron2(tmp_path, path, variant, mapper):
     torch.set_num_threads(2)
+    name = os.path.basename(path)[:-3]
     image = parity_image()
-    model = d2_model(name, image)
-    theirs = d2_detect(model, image)
+    model = d2_model(path, image, mapper)
+    theirs = d2_detect(model, image, mapper)
     assert len(theirs["scores"]) >= 10, "the random model should detect something"
 
-    path = os.path.join(tmp_path, "model_final.pth")
-    torch.save({"model": model.state_dict()}, path)
+    saved = os.path.join(tmp_path, "model_final.pth")
+    torch.save({"model": model.state_dict()}, saved)
     config = config_lib.from_file(f"configs/mask_rcnn.py:{variant}")
     config.model.update(num_classes=NUM_CLASSES, compute_dtype="float32")     # detectron2's eval runs float32
     config.model.roi_heads.update(sampling_ratio=0, max_adaptive_samples=0, topk_candidates=1000 * NUM_CLASSES)
     config.eval.batch_size = 1
-    report, _ = weights.import_weights(config, path, str(tmp_path / "ours"), kind="detectron2")
+    if variant.endswith("_lsj"):
+        # detectron2 pads to a multiple of 32 (size_divisibility), ViTDet to its square: the
+        # canvas must be that padded size, or the features near the far edges differ.
+        h, w = mapper(image).shape[:2]
+        config.data.canvas_buckets = ((-(-h // 32) * 32, -(-w // 32) * 32),)
+    report, _ = weights.import_weights(config, saved, str(tmp_path / "ours"), kind="detectron2")
     assert not report.initialised_fresh, report
     c = config.data
     ex = prepare_example({"image": image}, c.test_short_side, c.max_size, c.canvas_buckets, False,
