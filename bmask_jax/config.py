@@ -29,7 +29,8 @@ def base() -> ml_collections.ConfigDict:
     m.pixel_std = (1.0, 1.0, 1.0)
 
     m.backbone = ml_collections.ConfigDict(dict(
-        name="resnet",                       # "resnet" | "hrnet" (HRNetV2, paper Table 1) | "vit" (ViTDet)
+        name="resnet",                       # "resnet" | "hrnet" (HRNetV2, paper Table 1) | "regnet" | "vit" (ViTDet)
+        regnet="regnetx_4gf",                # with name "regnet": regnetx_4gf | regnety_4gf (models/regnet.py)
         depth=50, stem_channels=64, res2_out_channels=256, bottleneck_channels=64,
         stride_in_1x1=True, norm="FrozenBN", freeze_at=2))
     # HRNetV2 (models/hrnet.py), used when backbone.name == "hrnet"; defaults are HRNetV2-W32.
@@ -328,9 +329,11 @@ def vitdet(c: ml_collections.ConfigDict, size: str = "b") -> ml_collections.Conf
 LSJ_EPOCHS_100 = (184375, (163889, 177546))   # iterations at batch 64 and the lr steps, 100 epochs
 
 
-def lsj_baseline(c: ml_collections.ConfigDict, depth: int = 50, epochs: int = 100) -> ml_collections.ConfigDict:
+def lsj_baseline(c: ml_collections.ConfigDict, depth: int = 50, epochs: int = 100,
+                 regnet: str = "") -> ml_collections.ConfigDict:
     """detectron2's large-scale-jitter Mask R-CNN baselines (configs/new_baselines/
-    mask_rcnn_R_{50,101}_FPN_{100,200,400}ep_LSJ.py): trained from scratch with SyncBN in the
+    mask_rcnn_{R_50,R_101,regnetx_4gf_dds,regnety_4gf_dds}_FPN_{100,200,400}ep_LSJ.py; `regnet`:
+    regnetx_4gf or regnety_4gf instead of ResNet-`depth`): trained from scratch with SyncBN in the
     stem, every stage (nothing frozen) and the FPN; a 2-conv RPN head, the 4conv1fc box head and
     the mask head with BatchNorm convs (detectron2's NaiveSyncBatchNorm, stats_mode "N");
     large-scale jitter at 1024; SGD at lr 0.1 for batch 64, weight decay 4e-5, warmup 500
@@ -342,6 +345,8 @@ def lsj_baseline(c: ml_collections.ConfigDict, depth: int = 50, epochs: int = 10
     c.model.update(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675), pixel_std=(57.375, 57.120, 58.395),
                    compute_dtype="bfloat16")
     c.model.backbone.update(norm="SyncBN", freeze_at=0)
+    if regnet:
+        c.model.backbone.update(name="regnet", regnet=regnet)
     c.model.fpn.norm = "SyncBN"
     c.model.rpn.num_convs = 2
     c.model.roi_heads.update(conv_dims=(256, 256, 256, 256), conv_norm="SyncBN", num_fc=1, fc_dim=1024)
@@ -405,6 +410,8 @@ VARIANTS = {
     **{f"cascade_vitdet_{size}": (lambda c, size=size: vitdet_cascade(vitdet(c, size))) for size in VIT_SIZES},
     **{f"r{depth}_fpn_{epochs}ep_lsj": (lambda c, depth=depth, epochs=epochs: lsj_baseline(c, depth, epochs))
        for depth in (50, 101) for epochs in (100, 200, 400)},
+    **{f"{net}_fpn_{epochs}ep_lsj": (lambda c, net=net, epochs=epochs: lsj_baseline(c, 50, epochs, net))
+       for net in ("regnetx_4gf", "regnety_4gf") for epochs in (100, 200, 400)},
     "shapes_vitdet": lambda c: small_vitdet(shapes(c)),
     "tiny_vitdet": lambda c: small_vitdet(tiny(c)),
 }

@@ -81,6 +81,23 @@ def d2_shapes(config) -> dict[str, tuple]:
         if b.norm == "SyncBN":           # torch's BatchNorm buffers (FrozenBatchNorm2d has none)
             shapes[f"{name}.norm.num_batches_tracked"] = ()
 
+    if b.name == "regnet":
+        stage_channels = d2_regnet_shapes(shapes, b.regnet, b.norm)
+    else:
+        stage_channels = d2_resnet_shapes(shapes, b, conv, norm)
+    c = m.fpn.channels
+    for level, ci in zip((2, 3, 4, 5), stage_channels):
+        for name, cin, k in ((f"backbone.fpn_lateral{level}", ci, 1), (f"backbone.fpn_output{level}", c, 3)):
+            conv(name, c, cin, k, bias=not m.fpn.norm)
+            if m.fpn.norm:
+                norm(name, c)
+    d2_rpn_and_roi_heads(shapes, config)
+    return shapes
+
+
+def d2_resnet_shapes(shapes: dict, b, conv, norm) -> list[int]:
+    """detectron2's ResNet (BasicStem and the res2..res5 stages) keys for model.backbone `b`;
+    returns the stages' output widths."""
     conv("backbone.bottom_up.stem.conv1", b.stem_channels, 3, 7, bias=False)
     norm("backbone.bottom_up.stem.conv1", b.stem_channels)
     blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}[b.depth]
@@ -100,14 +117,48 @@ def d2_shapes(config) -> dict[str, tuple]:
             cin = cout
         stage_channels.append(cout)
         cout, bott = cout * 2, bott * 2
-    c = m.fpn.channels
-    for level, ci in zip((2, 3, 4, 5), stage_channels):
-        for name, cin, k in ((f"backbone.fpn_lateral{level}", ci, 1), (f"backbone.fpn_output{level}", c, 3)):
-            conv(name, c, cin, k, bias=not m.fpn.norm)
-            if m.fpn.norm:
-                norm(name, c)
-    d2_rpn_and_roi_heads(shapes, config)
-    return shapes
+    return stage_channels
+
+
+# RegNet stage widths, depths, group width and SE ratio as pycls publishes them (RegNetX-4.0GF,
+# RegNetY-4.0GF), written out rather than derived from (w_a, w_0, w_m).
+D2_REGNETS = {"regnetx_4gf": ((80, 240, 560, 1360), (2, 5, 14, 2), 40, 0.0),
+              "regnety_4gf": ((128, 192, 512, 1088), (2, 6, 12, 2), 64, 0.25)}
+
+
+def d2_regnet_shapes(shapes: dict, name: str, norm_kind: str) -> list[int]:
+    """detectron2's RegNet keys (modeling/backbone/regnet.py: SimpleStem, ResBottleneckBlock
+    with bottleneck ratio 1, SE in RegNetY); returns the stages' output widths."""
+    widths, depths, group_width, se_ratio = D2_REGNETS[name]
+    root = "backbone.bottom_up"
+
+    def bn(key, c):
+        for r in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{key}.{r}"] = (c,)
+        if norm_kind == "SyncBN":
+            shapes[f"{key}.num_batches_tracked"] = ()
+
+    shapes[f"{root}.stem.conv.weight"] = (32, 3, 3, 3)
+    bn(f"{root}.stem.bn", 32)
+    w_in = 32
+    for s, (w, d) in enumerate(zip(widths, depths)):
+        for i in range(d):
+            p = f"{root}.s{s + 1}.b{i + 1}"
+            if i == 0:                                      # stride 2 (and a new width): a projection
+                shapes[f"{p}.proj.weight"] = (w, w_in, 1, 1)
+                bn(f"{p}.bn", w)
+            shapes[f"{p}.f.a.weight"] = (w, w_in, 1, 1)
+            bn(f"{p}.f.a_bn", w)
+            shapes[f"{p}.f.b.weight"] = (w, group_width, 3, 3)     # groups = w / group_width
+            bn(f"{p}.f.b_bn", w)
+            if se_ratio:
+                se = int(round(w_in * se_ratio))
+                shapes[f"{p}.f.se.f_ex.0.weight"], shapes[f"{p}.f.se.f_ex.0.bias"] = (se, w, 1, 1), (se,)
+                shapes[f"{p}.f.se.f_ex.2.weight"], shapes[f"{p}.f.se.f_ex.2.bias"] = (w, se, 1, 1), (w,)
+            shapes[f"{p}.f.c.weight"] = (w, w, 1, 1)
+            bn(f"{p}.f.c_bn", w)
+            w_in = w
+    return list(widths)
 
 
 def d2_rpn_and_roi_heads(shapes: dict, config) -> None:

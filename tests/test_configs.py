@@ -124,6 +124,7 @@ DETECTRON2_MASK_RCNN_R50_FPN_1X = {
     "mask_head.conv_norm": ("ROI_MASK_HEAD.NORM", ""),
     "backbone.hrnet.*": ("unused: backbone.name is resnet", None),
     "backbone.vit.*": ("unused: backbone.name is resnet", None),
+    "backbone.regnet": ("unused: backbone.name is resnet", None),
     "boundary.*": ("unused: read by the 'bmask' head only", None),
     "mask_head.sobel_hidden_dim": ("unused: read by the 'sobel' head only", None),
     "mask_scoring.*": ("unused: mask_scoring.enabled is False", None),
@@ -180,14 +181,19 @@ def test_bmask_configs_differ_from_the_baseline_in_the_head_only():
         assert bmask["model.mask_head.name"] == "bmask" and bmask["model.roi_heads.train_on_pred_boxes"]
 
 
-@pytest.mark.parametrize("depth,epochs", [(50, 100), (50, 200), (101, 400)])
-def test_lsj_baselines_are_detectron2s(depth, epochs):
-    """configs/new_baselines/mask_rcnn_R_{depth}_FPN_{epochs}ep_LSJ.py, value by value (numbers
-    copied from detectron2's file and its configs/common/models/mask_rcnn_fpn.py)."""
+@pytest.mark.parametrize("net,epochs", [("r50", 100), ("r50", 200), ("r101", 400), ("regnetx_4gf", 100),
+                                        ("regnety_4gf", 400)])
+def test_lsj_baselines_are_detectron2s(net, epochs):
+    """configs/new_baselines/mask_rcnn_{R_50,R_101,regnet?_4gf_dds}_FPN_{epochs}ep_LSJ.py, value
+    by value (numbers copied from detectron2's files and its configs/common/models/mask_rcnn_fpn.py)."""
     for file in (mask_rcnn, bmask_rcnn):
-        c = file.get_config(f"r{depth}_fpn_{epochs}ep_lsj")
+        c = file.get_config(f"{net}_fpn_{epochs}ep_lsj")
         m, t = c.model, c.train
-        assert m.weights == "" and m.backbone.depth == depth
+        if net.startswith("regnet"):
+            assert (m.backbone.name, m.backbone.regnet) == ("regnet", net)
+        else:
+            assert (m.backbone.name, m.backbone.depth) == ("resnet", int(net[1:]))
+        assert m.weights == ""
         assert (m.backbone.norm, m.backbone.freeze_at, m.fpn.norm) == ("SyncBN", 0, "SyncBN")
         assert m.rpn.num_convs == 2
         assert (tuple(m.roi_heads.conv_dims), m.roi_heads.conv_norm, m.roi_heads.num_fc, m.roi_heads.fc_dim) == \
@@ -203,3 +209,13 @@ def test_lsj_baselines_are_detectron2s(depth, epochs):
         assert (t.optimizer, t.batch_size, t.base_lr, t.momentum, t.weight_decay) == ("sgd", 64, 0.1, 0.9, 4e-5)
         assert (t.warmup_iters, t.warmup_factor, t.weight_decay_norm) == (500, 0.067, 0.0)
         assert t.max_iter == 184375 * scale and tuple(t.lr_steps) == (163889 * scale, 177546 * scale)
+
+
+def test_regnet_stages_are_pycls_published_ones():
+    """RegNetX-4.0GF and RegNetY-4.0GF's stage widths, depths and groups as pycls's model zoo
+    lists them (widths 80/240/560/1360, depths 2/5/14/2, group width 40; 128/192/512/1088,
+    2/6/12/2, 64), derived from (depth, w_a, w_0, w_m) as detectron2 does."""
+    from bmask_jax.models.regnet import REGNETS, regnet_parameters
+    spec = {k: {n: v for n, v in s.items() if n != "se_ratio"} for k, s in REGNETS.items()}
+    assert regnet_parameters(**spec["regnetx_4gf"]) == ([80, 240, 560, 1360], [2, 5, 14, 2], [40] * 4)
+    assert regnet_parameters(**spec["regnety_4gf"]) == ([128, 192, 512, 1088], [2, 6, 12, 2], [64] * 4)

@@ -131,6 +131,8 @@ CASES = [  # (detectron2 LazyConfig, our variant, its test mapper)
     (os.path.join(VITDET, "mask_rcnn_vitdet_b_100ep.py"), "vitdet_b", Mapper(1024, 1024, "RGB")),
     (os.path.join(VITDET, "cascade_mask_rcnn_vitdet_b_100ep.py"), "cascade_vitdet_b", Mapper(1024, 1024, "RGB")),
     (os.path.join(LSJ, "mask_rcnn_R_50_FPN_100ep_LSJ.py"), "r50_fpn_100ep_lsj", Mapper(800, 1333, "BGR")),
+    (os.path.join(LSJ, "mask_rcnn_regnety_4gf_dds_FPN_100ep_LSJ.py"), "regnety_4gf_fpn_100ep_lsj",
+     Mapper(800, 1333, "BGR")),
 ]
 
 

@@ -150,6 +150,8 @@ def test_zoo_entry_config_fits_detectron2_keys(name):
     assert m.roi_heads.cascade.enabled == name.startswith("cascade")
     if "vitdet" in name:
         assert m.backbone.name == "vit" and m.backbone.vit.depth == {"b": 12, "l": 24, "h": 32}[name[-1]]
+    elif "regnet" in name:
+        assert m.backbone.name == "regnet" and name.startswith(f"mask_rcnn_{m.backbone.regnet}_dds")
     else:
         assert m.backbone.depth == (101 if "R_101" in name else 50)
     assert m.num_classes == (8 if entry.dataset == "Cityscapes" else 80)

@@ -122,3 +122,37 @@ def test_four_devices_give_the_statistics_of_one_holding_the_whole_batch(tmp_pat
     for a, b in zip(leaves(one["params"]), leaves(four["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert one["loss"] == pytest.approx(four["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_regnety_lsj_model_trains_a_step():
+    """RegNetY-4GF (group convs, squeeze-and-excitation) with SyncBN throughout, on the tiny
+    canvas: one train step gives finite losses, moves every running statistic and changes the
+    grouped convs' kernels."""
+    from helpers import tiny_config
+
+    from bmask_jax.data.pipeline import TrainBatches, build_dataset
+    from bmask_jax.engine import sharding
+    from bmask_jax.engine.state import create_train_state
+    from bmask_jax.models.bmask_rcnn import BMaskRCNN
+    from bmask_jax.train import MODEL_KEYS, jit_train_step
+
+    c = tiny_config()
+    c.model.backbone.update(name="regnet", regnet="regnety_4gf", norm="SyncBN", freeze_at=0)
+    c.model.fpn.norm = "SyncBN"
+    model = BMaskRCNN(c.model)
+    state, tx = create_train_state(c, model, jax.random.PRNGKey(0))
+    loader = TrainBatches(build_dataset(c.data, "train"), c.data, c.train.batch_size, c.seed)
+    batch = {k: v for k, v in loader.batch(0).items() if k in MODEL_KEYS}
+    loader.close()
+    mesh = sharding.make_mesh()
+    new, metrics = jit_train_step(c, model, tx, mesh, donate=False)(state, sharding.global_batch(batch, mesh))
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    before, after = jax.device_get(state.frozen), jax.device_get(new.frozen)
+    stats = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), before, after))
+    assert len(stats) > 100 and min(stats) > 0
+    kernel = ("backbone", "s1_b1", "f_b", "Conv_0", "kernel")
+    old, now = state.params, new.params
+    for key in kernel:
+        old, now = old[key], now[key]
+    assert old.shape == (3, 3, 64, 128) and not np.allclose(old, now)     # 128 channels in groups of 64

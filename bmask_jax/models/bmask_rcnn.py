@@ -24,6 +24,7 @@ from bmask_jax.models.mask_heads import (BoundaryPreservingHead, MaskIoUHead, Ma
                                          mask_losses, mask_targets, select_class)
 from bmask_jax.models.resnet import ResNet
 from bmask_jax.models.rpn import RPNHead, find_top_proposals, rpn_losses
+from bmask_jax.models.regnet import REGNETS, RegNet
 from bmask_jax.models.vit import ViT, SimpleFeaturePyramid
 from bmask_jax.ops import anchors as anchor_ops
 from bmask_jax.ops import boxes as box_ops
@@ -70,13 +71,17 @@ class BMaskRCNN(nn.Module):
             h = b.hrnet
             self.backbone = HRNet(h.stem_channels, h.stage1_channels, h.stage1_blocks, tuple(h.widths),
                                   tuple(h.num_modules), tuple(h.num_blocks), b.norm, b.freeze_at, dtype)
+        elif b.name == "regnet":
+            if b.freeze_at:
+                raise ValueError("model.backbone.freeze_at must be 0 for a RegNet (the LSJ baselines train it all)")
+            self.backbone = RegNet(**REGNETS[b.regnet], norm=b.norm, dtype=dtype)
         elif b.name == "vit":
             v = b.vit
             self.backbone = ViT(v.embed_dim, v.depth, v.num_heads, v.patch_size, v.img_size, v.window_size,
                                 tuple(v.global_blocks), v.mlp_ratio, v.drop_path_rate, v.pretrain_img_size,
                                 v.pretrain_use_cls_token, dtype, v.remat)
         else:
-            raise ValueError(f"model.backbone.name must be 'resnet', 'hrnet' or 'vit', got {b.name!r}")
+            raise ValueError(f"model.backbone.name must be 'resnet', 'hrnet', 'regnet' or 'vit', got {b.name!r}")
         # ViTDet's simple feature pyramid on the ViT's last map; the FPN on the others' stages.
         self.fpn = (SimpleFeaturePyramid(cfg.fpn.channels, norm=b.vit.pyramid_norm, dtype=dtype)
                     if b.name == "vit" else FPN(cfg.fpn.channels, dtype, cfg.fpn.norm))

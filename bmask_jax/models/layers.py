@@ -77,13 +77,14 @@ class Conv(nn.Module):
     use_bias: bool = True
     kernel_init: Any = msra_fill
     dtype: Any = jnp.float32
+    groups: int = 1                     # group convolution (RegNet's 3x3)
 
     @nn.compact
     def __call__(self, x):
         pad = self.kernel // 2
         return nn.Conv(self.features, (self.kernel, self.kernel), (self.stride, self.stride),
                        padding=((pad, pad), (pad, pad)), use_bias=self.use_bias,
-                       kernel_init=self.kernel_init, dtype=self.dtype,
+                       kernel_init=self.kernel_init, dtype=self.dtype, feature_group_count=self.groups,
                        conv_general_dilated=cpu_kernels.conv_general_dilated)(x)
 
 

@@ -20,6 +20,11 @@ DETECTRON2_RULES: list[Rule] = [
     (r"backbone/stem_norm", "backbone.bottom_up.stem.conv1.norm"),
     (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)", r"backbone.bottom_up.res\1.\2.\3"),
     (r"backbone/res(\d)_(\d+)/(conv\d|shortcut)_norm", r"backbone.bottom_up.res\1.\2.\3.norm"),
+    # RegNet (modeling/backbone/regnet.py): stem.conv/bn, s<stage>.b<block>.proj/bn and f.a, f.a_bn, ...
+    (r"backbone/stem_(conv|bn)", r"backbone.bottom_up.stem.\1"),
+    (r"backbone/(s\d)_(b\d+)/(proj|bn)", r"backbone.bottom_up.\1.\2.\3"),
+    (r"backbone/(s\d)_(b\d+)/f_(a|b|c)(_bn)?", lambda m: f"backbone.bottom_up.{m[1]}.{m[2]}.f.{m[3]}{m[4] or ''}"),
+    (r"backbone/(s\d)_(b\d+)/f_se/f_ex_(\d)", r"backbone.bottom_up.\1.\2.f.se.f_ex.\3"),
     (r"fpn/(fpn_lateral\d|fpn_output\d)", r"backbone.\1"),
     (r"fpn/(fpn_lateral\d|fpn_output\d)_norm", r"backbone.\1.norm"),          # FPN(norm="SyncBN")
     # ViTDet (SimpleFeaturePyramid around ViT): the ViT is backbone.net, the pyramid's

@@ -105,6 +105,16 @@ ENTRIES: dict[str, ZooEntry] = {e.name: e for e in [
           (101, 100, 42025812, "4f7b58", 46.4, 41.6),
           (101, 200, 42131867, "0bb7ae", 48.0, 43.1),
           (101, 400, 42073830, "f96b26", 48.9, 43.7)]],
+    *[ZooEntry(f"mask_rcnn_{net}_dds_FPN_{epochs}ep_LSJ", f"configs/mask_rcnn.py:{net}_fpn_{epochs}ep_lsj",
+               f"{_D2}new_baselines/mask_rcnn_{net}_dds_FPN_{epochs}ep_LSJ/{run}/model_final_{md5}.pkl",
+               "detectron2", "COCO", box, mask, license=D2_LICENSE)
+      for net, epochs, run, md5, box, mask in [
+          ("regnetx_4gf", 100, 42047771, "b7fbab", 46.0, 41.3),
+          ("regnetx_4gf", 200, 42132721, "5d87c1", 48.1, 43.1),
+          ("regnetx_4gf", 400, 42025447, "f1362d", 48.6, 43.5),
+          ("regnety_4gf", 100, 42047784, "6ba57e", 46.1, 41.6),
+          ("regnety_4gf", 200, 42047642, "27b9c1", 47.8, 43.0),
+          ("regnety_4gf", 400, 42045954, "ef3a80", 48.2, 43.3)]],
     # The authors' README (github.com/hustvl/BMaskR-CNN): mask AP only.
     *[ZooEntry(name, config, url, _AUTHORS, dataset, None, mask_ap, file_name=f"{name}.pth", manual=True,
                license=AUTHORS_LICENSE)
