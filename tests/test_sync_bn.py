@@ -156,3 +156,24 @@ def test_a_regnety_lsj_model_trains_a_step():
     for key in kernel:
         old, now = old[key], now[key]
     assert old.shape == (3, 3, 64, 128) and not np.allclose(old, now)     # 128 channels in groups of 64
+
+
+@pytest.mark.parametrize("head", ["maskrcnn", "bmask"])
+def test_the_mask_heads_batch_norms_count_only_foreground_slots(head):
+    """Background (padding) slots in the mask head's batch change no statistic: the head on 6
+    slots of which 3 are foreground moves every running mean and variance exactly as the head
+    on those 3 alone (detectron2's mask head sees only foreground RoIs)."""
+    from bmask_jax.models.mask_heads import BoundaryPreservingHead, MaskRCNNHead
+    rng = np.random.default_rng(1)
+    feats = jnp.asarray(rng.normal(size=(6, 7, 7, 8)), jnp.float32)
+    bound = jnp.asarray(rng.normal(size=(6, 14, 14, 8)), jnp.float32)
+    valid = jnp.asarray([True, False, True, False, False, True])
+    module = (MaskRCNNHead(3, 8, 2, "SyncBN") if head == "maskrcnn"
+              else BoundaryPreservingHead(3, 8, 2, 1, conv_norm="SyncBN"))
+    variables = module.init(jax.random.PRNGKey(0), feats, bound)
+    _, padded = module.apply(variables, feats, bound, valid, mutable=["frozen"])
+    _, alone = module.apply(variables, feats[valid], bound[valid], mutable=["frozen"])
+    moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), variables["frozen"], alone["frozen"])
+    assert min(jax.tree_util.tree_leaves(moved)) > 1e-4
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           padded["frozen"], alone["frozen"])

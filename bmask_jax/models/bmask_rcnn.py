@@ -144,13 +144,15 @@ class BMaskRCNN(nn.Module):
         return jax.vmap(lambda lg, dl, hw: find_top_proposals(
             anchors, lg, dl, hw, topk, post, r.nms_threshold, r.bbox_reg_weights))(logits, deltas, image_hw)
 
-    def mask_branch(self, pyramid, boxes, classes):
+    def mask_branch(self, pyramid, boxes, classes, valid=None):
         """Mask branch for boxes [B, R, 4] of classes [B*R] (GT classes in training, predicted
         at test; the Sobel head and the MaskIoU head pick their mask channel by them).
 
         Returns mask logits [B*R, 28, 28, K], boundary logits ([B*R, 28, 28, K] for 'bmask',
         [B*R, 28, 28, 1] for 'sobel', None for 'maskrcnn') and the predicted MaskIoU [B*R, K]
-        (None without Mask Scoring).
+        (None without Mask Scoring). valid [B*R]: the RoIs a BatchNorm in the head counts (the
+        foreground slots in training; detectron2's NaiveSyncBatchNorm(stats_mode="N") sees only
+        foreground RoIs).
         """
         cfg = self.cfg
         m = cfg.mask_head
@@ -165,16 +167,16 @@ class BMaskRCNN(nn.Module):
             boundary_feats = pool(pyramid, levels, strides, boxes, cfg.boundary.resolution,
                                   cfg.roi_heads.sampling_ratio, cfg.roi_heads.max_adaptive_samples)
             boundary_feats = boundary_feats.reshape(n, *boundary_feats.shape[2:])
-        return self.mask_heads(feats, boundary_feats, classes)
+        return self.mask_heads(feats, boundary_feats, classes, valid)
 
-    def mask_heads(self, feats, boundary_feats, classes):
+    def mask_heads(self, feats, boundary_feats, classes, valid=None):
         """The mask head (and MaskIoU head) on pooled RoI features [N, 14, 14, C] (and boundary
         features [N, 28, 28, C] for 'bmask'); see mask_branch."""
         m = self.cfg.mask_head
         if m.name == "sobel":
             mask_logits, boundary_logits = self.mask_head(feats, None, classes)
         else:
-            mask_logits, boundary_logits = self.mask_head(feats, boundary_feats)
+            mask_logits, boundary_logits = self.mask_head(feats, boundary_feats, valid)
         mask_iou = None
         if self.mask_iou_head is not None:
             # MS R-CNN: the 14x14 mask RoI features and the predicted mask of the class, with no
@@ -341,7 +343,8 @@ class BMaskRCNN(nn.Module):
             mask_boxes, classes, gt_index, is_fg = (x[:, :num_slots] for x in (mask_boxes, classes, gt_index, is_fg))
         b, f = classes.shape
         self.sow("intermediates", "mask_slots", jnp.int32(f))   # which size ran, for tests
-        mask_logits, boundary_logits, mask_iou = self.mask_branch(pyramid, mask_boxes, classes.reshape(-1))
+        mask_logits, boundary_logits, mask_iou = self.mask_branch(pyramid, mask_boxes, classes.reshape(-1),
+                                                                  is_fg.reshape(-1))
         masks = jnp.take_along_axis(gt_masks, gt_index[:, :, None, None], axis=1)
         targets = mask_targets(mask_boxes.reshape(b * f, 4),
                                jnp.take_along_axis(gt_boxes, gt_index[..., None], axis=1).reshape(b * f, 4),

@@ -42,10 +42,11 @@ class MaskRCNNHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, mask_features, boundary_features=None):
+    def __call__(self, mask_features, boundary_features=None, valid=None):
+        """valid [R]: the RoIs a BatchNorm's statistics count (foreground slots; None: all)."""
         x = mask_features
         for i in range(self.num_conv):
-            x = conv_norm_relu(x, self.conv_dim, 3, 1, self.conv_norm, f"mask_fcn{i + 1}", self.dtype)
+            x = conv_norm_relu(x, self.conv_dim, 3, 1, self.conv_norm, f"mask_fcn{i + 1}", self.dtype, valid)
         return MaskPredictor(self.num_classes, self.conv_dim, dtype=self.dtype)(x), None
 
 
@@ -68,9 +69,10 @@ class BoundaryPreservingHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, mask_features, boundary_features):
+    def __call__(self, mask_features, boundary_features, valid=None):
+        """valid [R]: the RoIs a BatchNorm's statistics count (foreground slots; None: all)."""
         def conv(x, k, s, name):
-            return conv_norm_relu(x, self.conv_dim, k, s, self.conv_norm, name, self.dtype)
+            return conv_norm_relu(x, self.conv_dim, k, s, self.conv_norm, name, self.dtype, valid)
 
         f_m = mask_features
         for i in range(self.num_mask_conv):
