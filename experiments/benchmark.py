@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bmask_jax.ops.postprocess import postprocess  # noqa: E402
 from bmask_jax.models.bmask_rcnn import BMaskRCNN  # noqa: E402
-from bmask_jax.models.layers import FrozenBatchNorm  # noqa: E402
+from bmask_jax.models.layers import BatchNorm, FrozenBatchNorm  # noqa: E402
 from bmask_jax.engine.optim import make_optimizer  # noqa: E402
 from bmask_jax.engine.state import create_train_state  # noqa: E402
 from bmask_jax.engine.variables import dummy_batch  # noqa: E402
@@ -117,13 +117,15 @@ def synthetic_batch(config, batch: int, num_gt: int = 12, seed: int = 0) -> dict
 
 
 def calibrate_frozen_norms(model, variables: dict, images, image_hw) -> dict:
-    """'frozen' with each FrozenBatchNorm's scale and shift set so that it normalises its
-    input on these images to zero mean and unit variance per channel, layer after layer in
-    one forward pass (each layer sees the already calibrated layers before it)."""
+    """'frozen' with each FrozenBatchNorm's scale and shift (each BatchNorm's running mean and
+    variance) in the backbone and FPN set so that it normalises its input on these images to
+    zero mean and unit variance per channel, layer after layer in one forward pass (each layer
+    sees the already calibrated layers before it)."""
     frozen = jax.tree_util.tree_map(np.asarray, variables["frozen"])
 
     def interceptor(next_fun, args, kwargs, context):
-        if not (isinstance(context.module, FrozenBatchNorm) and context.method_name == "__call__"):
+        norm = isinstance(context.module, (FrozenBatchNorm, BatchNorm))
+        if not (norm and context.method_name == "__call__"):
             return next_fun(*args, **kwargs)
         x = args[0].astype(jnp.float32)
         mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
@@ -131,7 +133,10 @@ def calibrate_frozen_norms(model, variables: dict, images, image_hw) -> dict:
         node = frozen
         for name in context.module.path:
             node = node[name]
-        node["scale"], node["shift"] = np.asarray(scale), np.asarray(-mean * scale)
+        if isinstance(context.module, BatchNorm):        # running statistics (its affine is 1, 0 at init)
+            node["mean"], node["var"] = np.asarray(mean), np.asarray(var)
+        else:
+            node["scale"], node["shift"] = np.asarray(scale), np.asarray(-mean * scale)
         return ((x - mean) * scale).astype(args[0].dtype)
 
     with nn.intercept_methods(interceptor):
@@ -206,20 +211,28 @@ def bench_ours(config, batch: int, repeats: int) -> dict:
     }
 
 
-def bench_torchvision(config, batch: int, repeats: int, threads: int) -> dict:
+def bench_torchvision(config, batch: int, repeats: int, threads: int, v2: bool = False) -> dict:
+    """torchvision's R50-FPN Mask R-CNN on the same batch and threads. v2: maskrcnn_resnet50_fpn_v2
+    with no weights, the large-scale-jitter baselines' model (torchvision ported it from
+    detectron2's): trainable BatchNorm in the backbone and FPN, a 2-conv RPN head, the 4conv1fc
+    box head and the mask head with BatchNorm convs."""
     import torch
     from torchvision.models import resnet50
-    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn_v2
     from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
     from torchvision.ops.misc import FrozenBatchNorm2d
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     h, w = config.data.canvas_buckets[0]
-    # maskrcnn_resnet50_fpn's own construction for a pretrained backbone: frozen BatchNorm,
-    # layer2-4 trainable (detectron2's freeze_at=2); with no weights at all it would switch to
-    # trainable BatchNorm everywhere, a different (costlier) model from ours.
-    backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
-    model = MaskRCNN(backbone, num_classes=config.model.num_classes + 1, min_size=min(h, w), max_size=max(h, w))
+    if v2:
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=config.model.num_classes + 1,
+                                         min_size=min(h, w), max_size=max(h, w))
+    else:
+        # maskrcnn_resnet50_fpn's own construction for a pretrained backbone: frozen BatchNorm,
+        # layer2-4 trainable (detectron2's freeze_at=2); with no weights at all it would switch to
+        # trainable BatchNorm everywhere, a different (costlier) model from ours.
+        backbone = _resnet_fpn_extractor(resnet50(weights=None, norm_layer=FrozenBatchNorm2d), 3)
+        model = MaskRCNN(backbone, num_classes=config.model.num_classes + 1, min_size=min(h, w), max_size=max(h, w))
     data = synthetic_batch(config, batch)
     images = [torch.from_numpy(data["image"][i]).permute(2, 0, 1).float() / 255 for i in range(batch)]
 
@@ -415,6 +428,9 @@ def main():
                    help="inference score threshold on both sides (see above)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every config, e.g. model.roi_heads.foreground_buckets=()")
+    p.add_argument("--torchvision_v2", action="store_true",
+                   help="with --torchvision: torchvision's maskrcnn_resnet50_fpn_v2 (BatchNorm everywhere, the LSJ "
+                        "baselines' heads), for the *_lsj configs")
     p.add_argument("--torchvision", action="store_true", help="also time torchvision's R50-FPN Mask R-CNN (a like-for-like comparison for the first config if it is R50-FPN)")
     p.add_argument("--detectron2_vitdet", default="", metavar="NAME",
                    help="also time detectron2's own ViTDet, its LazyConfig projects/ViTDet/configs/COCO/NAME.py "
@@ -480,7 +496,8 @@ def main():
             print(f"{spec} / {specs[0]}: train step {r['train_step']:.3f}, inference {r['inference']:.3f}")
     if args.torchvision:
         try:
-            tv = result["torchvision"] = bench_torchvision(configs[0], args.batch, args.repeats, threads)
+            tv = result["torchvision"] = bench_torchvision(configs[0], args.batch, args.repeats, threads,
+                                                           args.torchvision_v2)
             r = result["ratios_first_over_torchvision"] = ratios(first, tv)
             print(f"torchvision: train step {tv['train_step_s']:.3f} s, inference {tv['inference_latency_s']:.3f} s/img, "
                   f"{tv['inference_detections']} detections")
