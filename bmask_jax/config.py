@@ -116,7 +116,10 @@ def base() -> ml_collections.ConfigDict:
     d.num_workers = 2
     # Large-scale jitter (ViTDet, the LSJ baselines): flip, scale to size x [min, max], crop
     # size x size, boxes from the cropped masks; replaces train_short_side when enabled.
-    d.lsj = ml_collections.ConfigDict(dict(enabled=False, size=1024, min_scale=0.1, max_scale=2.0))
+    d.lsj = ml_collections.ConfigDict(dict(enabled=False, size=1024, min_scale=0.1, max_scale=2.0,
+                                           # the crop's fill in the image (FixedSizeCrop pad=True); None:
+                                           # none, the canvas pads (ViTDet's pad=False)
+                                           pad_value=ml_collections.FieldReference(None, field_type=float)))
 
     # ---- training ----
     t = c.train = ml_collections.ConfigDict()
@@ -356,7 +359,7 @@ def lsj_baseline(c: ml_collections.ConfigDict, depth: int = 50, epochs: int = 10
     c.model.roi_heads.update(conv_dims=(256, 256, 256, 256), conv_norm="SyncBN", num_fc=1, fc_dim=1024)
     c.model.mask_head.conv_norm = "SyncBN"
     c.data.canvas_buckets = ((1024, 1024),) + tuple(c.data.canvas_buckets)     # the LSJ crop, then test sizes
-    c.data.lsj.update(enabled=True, size=1024)
+    c.data.lsj.update(enabled=True, size=1024, pad_value=128.0)    # FixedSizeCrop's default pad
     iters, steps = LSJ_EPOCHS_100
     scale = epochs / 100
     c.train.update(optimizer="sgd", batch_size=64, base_lr=0.1, momentum=0.9, weight_decay=4e-5,

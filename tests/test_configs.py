@@ -203,6 +203,7 @@ def test_lsj_baselines_are_detectron2s(net, epochs):
         assert (m.input_format, tuple(m.pixel_mean), tuple(m.pixel_std)) == ("BGR", (103.530, 116.280, 123.675), std)
         assert m.compute_dtype == "bfloat16"
         assert (c.data.lsj.enabled, c.data.lsj.size, c.data.lsj.min_scale, c.data.lsj.max_scale) == (True, 1024, 0.1, 2.0)
+        assert c.data.lsj.pad_value == 128.0                # FixedSizeCrop(crop_size) defaults: pad=True, 128
         assert (1024, 1024) in tuple(map(tuple, c.data.canvas_buckets))
         assert (c.data.test_short_side, c.data.max_size) == (800, 1333)
         scale = epochs // 100

@@ -288,6 +288,31 @@ def test_large_scale_jitter_against_pillow(seed, flip):
     np.testing.assert_array_equal(out["iscrowd"], np.array([False, False, True])[kept])
 
 
+@pytest.mark.parametrize("seed", [2, 3])            # scales 0.6 and 0.26: windows smaller than the canvas
+def test_large_scale_jitter_with_a_fill_pads_the_window_in_the_image(seed):
+    """FixedSizeCrop(pad=True, pad_value=128), the LSJ baselines' mapper: the same crop as
+    without a fill, then the image filled with 128 and the masks with False to size x size,
+    right and bottom; boxes and classes unchanged."""
+    from bmask_jax.data.transforms import large_scale_jitter
+    h, w, size = 60, 80, 64
+    image = (np.arange(h * w * 3) % 251).astype(np.uint8).reshape(h, w, 3)
+    masks = np.zeros((2, h, w), bool)
+    masks[0, 10:30, 20:60] = True
+    masks[1, 40:59, 5:30] = True
+    example = {"image": image, "masks": masks, "boxes": np.zeros((2, 4), np.float32), "classes": np.array([1, 2])}
+    plain = large_scale_jitter(example, np.random.default_rng(seed), size, 0.1, 2.0, False)
+    filled = large_scale_jitter(example, np.random.default_rng(seed), size, 0.1, 2.0, False, pad_value=128.0)
+    ch, cw = plain["image"].shape[:2]
+    assert filled["image"].shape == (size, size, 3) and filled["masks"].shape[1:] == (size, size)
+    assert (ch, cw) != (size, size)                     # these seeds draw a window smaller than the canvas
+    np.testing.assert_array_equal(filled["image"][:ch, :cw], plain["image"])
+    assert (filled["image"][ch:] == 128).all() and (filled["image"][:, cw:] == 128).all()
+    np.testing.assert_array_equal(filled["masks"][:, :ch, :cw], plain["masks"])
+    assert not filled["masks"][:, ch:].any() and not filled["masks"][:, :, cw:].any()
+    np.testing.assert_array_equal(filled["boxes"], plain["boxes"])
+    np.testing.assert_array_equal(filled["classes"], plain["classes"])
+
+
 def test_lsj_batches_fill_one_static_canvas():
     from bmask_jax.data.pipeline import TrainBatches, build_dataset
     config = config_lib.from_file("bmask_rcnn:tiny_vitdet")

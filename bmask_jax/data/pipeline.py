@@ -107,7 +107,8 @@ class TrainBatches:
         lsj = c.get("lsj")
         if lsj is not None and lsj.enabled:
             flip = bool(c.flip and rng.random() < 0.5)
-            example = large_scale_jitter(self.dataset[int(index)], rng, lsj.size, lsj.min_scale, lsj.max_scale, flip)
+            example = large_scale_jitter(self.dataset[int(index)], rng, lsj.size, lsj.min_scale, lsj.max_scale, flip,
+                                         lsj.get("pad_value"))
             return prepare_example(example, None, c.max_size, c.canvas_buckets, False, c.max_instances,
                                    c.gt_mask_size)
         short = int(rng.choice(np.asarray(c.train_short_side)))

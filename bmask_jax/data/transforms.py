@@ -145,14 +145,16 @@ def pillow_nearest_index(out_size: int, in_size: int) -> np.ndarray:
 
 
 def large_scale_jitter(example: dict, rng: np.random.Generator, size: int, min_scale: float, max_scale: float,
-                       flip: bool) -> dict:
+                       flip: bool, pad_value: float | None = None) -> dict:
     """detectron2's large-scale jitter (ViTDet's and the LSJ baselines' training mapper):
     RandomFlip, then ResizeScale (the image scaled to fit size x size times a scale drawn
     uniformly in [min_scale, max_scale], bilinear), then FixedSizeCrop(size, pad=False) (a
     random window of at most size x size, one uniform draw placing it along both axes), and the
     boxes recomputed from the cropped masks (recompute_boxes); instances left empty are dropped.
     The masks are resized nearest-neighbour (as detectron2 resizes bitmasks) and only inside
-    the window. Returns an example of the same keys, its image at most size x size."""
+    the window. Returns an example of the same keys, its image at most size x size; with
+    pad_value, exactly size x size: FixedSizeCrop(pad=True, pad_value=...) (the LSJ baselines'
+    mapper: 128) fills the rest of the window, right and bottom, in the image itself."""
     image, masks = example["image"], np.asarray(example["masks"])
     h, w = image.shape[:2]
     masks = masks.reshape(-1, h, w)
@@ -175,7 +177,12 @@ def large_scale_jitter(example: dict, rng: np.random.Generator, size: int, min_s
         y = np.nonzero(rows[i])[0]
         x = np.nonzero(cols[i])[0]
         boxes[i] = (x[0], y[0], x[-1] + 1, y[-1] + 1)
-    out = dict(example, image=np.ascontiguousarray(crop), masks=masks[keep], boxes=boxes[keep],
+    masks = masks[keep]
+    if pad_value is not None:
+        pad = ((0, size - ch), (0, size - cw))
+        crop = np.pad(crop, pad + ((0, 0),), constant_values=np.asarray(pad_value).astype(crop.dtype))
+        masks = np.pad(masks, ((0, 0),) + pad)
+    out = dict(example, image=np.ascontiguousarray(crop), masks=masks, boxes=boxes[keep],
                classes=np.asarray(example["classes"]).reshape(-1)[keep])
     if "iscrowd" in example:
         out["iscrowd"] = np.asarray(example["iscrowd"]).reshape(-1)[keep]
