@@ -20,7 +20,7 @@ from bmask_jax.models.layers import BatchNorm
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def reference(x, valid, mean0, var0, scale, bias, momentum=0.1, eps=1e-5):
+def reference(x, valid, mean0, var0, scale, bias, momentum=0.1, eps=1e-5, unbiased=True):
     """BatchNorm written out in numpy: (output, new running mean, new running var)."""
     rows = x[valid] if valid is not None else x
     flat = rows.reshape(-1, x.shape[-1]).astype(np.float64)
@@ -29,15 +29,16 @@ def reference(x, valid, mean0, var0, scale, bias, momentum=0.1, eps=1e-5):
         return None, mean0, var0
     mean, var = flat.mean(0), flat.var(0)
     out = (x - mean) / np.sqrt(var + eps) * scale + bias
-    return out, (1 - momentum) * mean0 + momentum * mean, (1 - momentum) * var0 + momentum * var * n / (n - 1)
+    kept = var * n / (n - 1) if unbiased else var
+    return out, (1 - momentum) * mean0 + momentum * mean, (1 - momentum) * var0 + momentum * kept
 
 
-@pytest.mark.parametrize("with_valid", [False, True])
-def test_batch_norm_against_numpy(with_valid):
+@pytest.mark.parametrize("with_valid,unbiased", [(False, True), (True, True), (True, False)])
+def test_batch_norm_against_numpy(with_valid, unbiased):
     rng = np.random.default_rng(0)
     x = rng.normal(2.0, 3.0, size=(6, 4, 5, 3)).astype(np.float32)
     valid = np.array([True, False, True, True, False, True]) if with_valid else None
-    bn = BatchNorm()
+    bn = BatchNorm(unbiased_running_var=unbiased)
     variables = bn.init(jax.random.PRNGKey(0), jnp.asarray(x))
     params = {"scale": jnp.asarray([1.0, 2.0, 0.5]), "bias": jnp.asarray([0.0, -1.0, 3.0])}
     frozen = {"mean": jnp.asarray([0.5, -0.5, 1.0]), "var": jnp.asarray([2.0, 1.0, 0.5])}
@@ -46,7 +47,7 @@ def test_batch_norm_against_numpy(with_valid):
     out, updated = bn.apply({"params": params, "frozen": frozen}, jnp.asarray(x),
                             None if valid is None else jnp.asarray(valid), mutable=["frozen"])
     want, mean, var = reference(x, valid, np.asarray(frozen["mean"]), np.asarray(frozen["var"]),
-                                np.asarray(params["scale"]), np.asarray(params["bias"]))
+                                np.asarray(params["scale"]), np.asarray(params["bias"]), unbiased=unbiased)
     rows = valid if valid is not None else slice(None)
     np.testing.assert_allclose(np.asarray(out)[rows], want[rows], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(updated["frozen"]["mean"], mean, rtol=1e-5, atol=1e-6)

@@ -93,8 +93,11 @@ def conv_norm_relu(x, features: int, kernel: int, stride: int, norm: str, name: 
     `<name>_norm` and ReLU, as detectron2's Conv2d(norm=..., activation=ReLU) in its heads.
     valid [N]: the rows a BatchNorm's statistics count (RoI slots that hold RoIs)."""
     x = Conv(features, kernel, stride, use_bias=not norm, dtype=dtype, name=name)(x)
-    layer = make_norm(norm, dtype=dtype, name=f"{name}_norm")
-    return nn.relu(layer(x, valid) if isinstance(layer, BatchNorm) else layer(x))
+    if norm == "SyncBN":
+        # The heads' NaiveSyncBatchNorm(stats_mode="N"): only real RoIs counted, and its running
+        # variance is the biased one (mean of squares minus squared mean).
+        return nn.relu(BatchNorm(dtype=dtype, unbiased_running_var=False, name=f"{name}_norm")(x, valid))
+    return nn.relu(make_norm(norm, dtype=dtype, name=f"{name}_norm")(x))
 
 
 class Deconv2x(nn.Module):
@@ -155,10 +158,12 @@ class BatchNorm(nn.Module):
     NaiveSyncBatchNorm(stats_mode="N") counts only real samples; with no valid row the
     running statistics are not moved. The scale and bias are parameters; the running mean and
     variance live in 'frozen' (not trained by the optimizer). The running variance is the
-    unbiased one (n / (n - 1)), as torch.nn.SyncBatchNorm keeps it."""
+    unbiased one (n / (n - 1)), as torch.nn.SyncBatchNorm keeps it, or the biased one
+    (unbiased_running_var=False: NaiveSyncBatchNorm, detectron2's norm in the heads)."""
     momentum: float = 0.1
     epsilon: float = 1e-5
     dtype: Any = jnp.float32
+    unbiased_running_var: bool = True
 
     @nn.compact
     def __call__(self, x, valid=None):
@@ -182,9 +187,9 @@ class BatchNorm(nn.Module):
             var = (centred if weight is None else centred * weight).sum(axes) / total
             if not self.is_initializing():
                 momentum = self.momentum * (count > 0)          # nothing seen: nothing moves
-                unbiased = var * count / jnp.maximum(count - 1.0, 1.0)
+                kept = var * count / jnp.maximum(count - 1.0, 1.0) if self.unbiased_running_var else var
                 running_mean.value = running_mean.value + momentum * (jax.lax.stop_gradient(mean) - running_mean.value)
-                running_var.value = running_var.value + momentum * (jax.lax.stop_gradient(unbiased) - running_var.value)
+                running_var.value = running_var.value + momentum * (jax.lax.stop_gradient(kept) - running_var.value)
         else:
             mean, var = running_mean.value, running_var.value
         y = (y - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
