@@ -55,7 +55,6 @@ def output_names(paths: list[str], output_dir: str | None = None) -> list[tuple[
     output, or predictions.json / failed_images.json, the next of these forms is taken. Every
     process of a multi-host run derives the same names from the same list."""
     import collections
-    from bmask_jax.inference.video import is_video
     names = [os.path.basename(p) for p in paths]
     stems = [os.path.splitext(n)[0] for n in names]
     stem_count, name_count = collections.Counter(stems), collections.Counter(names)
