@@ -16,7 +16,7 @@ from PIL import Image
 
 from bmask_jax.engine import checkpoints
 from bmask_jax.data.images import load_rgb
-from bmask_jax.inference.predict import picture_names
+from bmask_jax.inference.predict import output_names
 from bmask_jax.engine.variables import restore_variables
 from bmask_jax.train import ClassCountError, NonFiniteLossError, cut_logs_to, json_safe, train_and_evaluate
 
@@ -207,9 +207,9 @@ def test_bombs_and_oversized_images_are_refused_before_decoding(tmp_path):
 
 
 def test_picture_names_never_overwrite():
-    names = picture_names(["d/same.jpg", "d/same.png", "a/x.jpg", "b/x.jpg", "d/one.png"])
+    names = [files[0] for files in output_names(["d/same.jpg", "d/same.png", "a/x.jpg", "b/x.jpg", "d/one.png"])]
     assert names == ["same.jpg.png", "same.png.png", "x.jpg.2.png", "x.jpg.3.png", "one.png"]
-    assert len(set(picture_names(["d/a.jpg", "d/a.png", "d/a.jpg.png"]))) == 3
+    assert len({files[0] for files in output_names(["d/a.jpg", "d/a.png", "d/a.jpg.png"])}) == 3
 
 
 @pytest.mark.slow

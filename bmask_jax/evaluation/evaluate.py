@@ -147,7 +147,7 @@ def evaluate(config, workdir: str, variables: dict, mesh=None, step: int | None 
             unwritten[name] = f"{os.path.join(workdir, name)}: {e.strerror or e}"
             codes.append(e.errno or errno.EACCES)
     if unwritten:
-        raise OSError(codes[0], f"the evaluation ran and its metrics are printed above, but these could not be written: "
+        raise OSError(codes[0], "the evaluation ran and its metrics are printed above, but these could not be written: "
                       + "; ".join(unwritten.values()))
     return metrics
 

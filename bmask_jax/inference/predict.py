@@ -76,11 +76,6 @@ def output_names(paths: list[str], output_dir: str | None = None) -> list[tuple[
     return out
 
 
-def picture_names(paths: list[str], output_dir: str | None = None) -> list[str]:
-    """The first output file of each input (an image's picture; a video's .mp4): output_names."""
-    return [files[0] for files in output_names(paths, output_dir)]
-
-
 def predict(config, workdir: str, output_dir: str, predictor: Predictor | None = None,
             overrides: dict | None = None) -> tuple[str | None, list]:
     """Predict on config.predict.inputs: <name>.png per image and predictions.json (COCO

@@ -12,7 +12,7 @@ input width). The stages' outputs are named res2..res5 for the FPN, as ResNet's.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -114,8 +114,3 @@ class RegNet(nn.Module):
             out[f"res{s + 2}"] = x
         return out
 
-
-def stage_widths(name: str) -> Sequence[int]:
-    """The four stage widths of a REGNETS entry (the FPN's input widths)."""
-    spec = REGNETS[name]
-    return regnet_parameters(spec["depth"], spec["w_a"], spec["w_0"], spec["w_m"], spec["group_width"])[0]
