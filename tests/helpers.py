@@ -370,6 +370,34 @@ def write_cityscapes_from_shapes(root, counts=None, image_size=(64, 128)) -> dic
     return written
 
 
+def scale_d2_predictors(model, run) -> None:
+    """Draws a detectron2 model's RPN and box predictors anew, scaled to the features they see
+    when run() runs the model on the test image (logits over a few units, moderate deltas), so
+    that tiny float differences between two implementations cannot reorder anything."""
+    import torch
+    rpn = model.proposal_generator.rpn_head
+    rpn_features, box_features = [], []
+    hook = rpn.conv.register_forward_hook(lambda _m, _i, out: rpn_features.append(torch.relu(out)))
+    run()
+    hook.remove()
+    with torch.no_grad():
+        rpn_norm = float(torch.cat([f.norm(dim=1).flatten() for f in rpn_features]).mean())
+        rpn.objectness_logits.weight.normal_(0, 2.0 / rpn_norm)
+        rpn.anchor_deltas.weight.normal_(0, 0.2 / rpn_norm)
+    heads = model.roi_heads.box_head
+    heads = list(heads) if isinstance(heads, torch.nn.ModuleList) else [heads]
+    predictors = model.roi_heads.box_predictor
+    predictors = list(predictors) if isinstance(predictors, torch.nn.ModuleList) else [predictors]
+    hook = heads[0].register_forward_hook(lambda _m, _i, out: box_features.append(out))
+    run()
+    hook.remove()
+    with torch.no_grad():
+        box_norm = float(box_features[0].norm(dim=1).mean())
+        for p in predictors:
+            p.cls_score.weight.normal_(0, 2.0 / box_norm)
+            p.bbox_pred.weight.normal_(0, 0.2 / box_norm)
+
+
 def assert_same_detections(ours: dict, theirs: dict, label: str = "", score_atol: float = 1e-5) -> dict:
     """detectron2's detections (boxes, scores, classes, masks) against ours: each of theirs is
     paired with ours of the same class and nearest box (the score order alone is ambiguous

@@ -40,7 +40,7 @@ from bmask_jax.data.transforms import prepare_example  # noqa: E402
 from bmask_jax.engine.variables import restore_variables  # noqa: E402
 from bmask_jax.evaluation.evaluate import make_detector  # noqa: E402
 from bmask_jax.ops.postprocess import postprocess  # noqa: E402
-from helpers import assert_same_detections  # noqa: E402
+from helpers import assert_same_detections, scale_d2_predictors  # noqa: E402
 
 NUM_CLASSES = 5
 SOURCES = os.path.dirname(os.path.dirname(detectron2.__file__))
@@ -87,27 +87,7 @@ def d2_model(path: str, image_rgb, mapper: Mapper):
     d2_detect(model, image_rgb, mapper)
     for m in calibrated:
         m.eval()
-    rpn = model.proposal_generator.rpn_head
-    rpn_features, box_features = [], []
-    hook = rpn.conv.register_forward_hook(lambda _m, _i, out: rpn_features.append(out))
-    d2_detect(model, image_rgb, mapper)
-    hook.remove()
-    with torch.no_grad():
-        rpn_norm = float(torch.cat([f.norm(dim=1).flatten() for f in rpn_features]).mean())
-        rpn.objectness_logits.weight.normal_(0, 2.0 / rpn_norm)
-        rpn.anchor_deltas.weight.normal_(0, 0.2 / rpn_norm)
-    heads = model.roi_heads.box_head
-    heads = list(heads) if isinstance(heads, torch.nn.ModuleList) else [heads]
-    predictors = model.roi_heads.box_predictor
-    predictors = list(predictors) if isinstance(predictors, torch.nn.ModuleList) else [predictors]
-    hook = heads[0].register_forward_hook(lambda _m, _i, out: box_features.append(out))
-    d2_detect(model, image_rgb, mapper)
-    hook.remove()
-    with torch.no_grad():
-        box_norm = float(box_features[0].norm(dim=1).mean())
-        for p in predictors:
-            p.cls_score.weight.normal_(0, 2.0 / box_norm)
-            p.bbox_pred.weight.normal_(0, 0.2 / box_norm)
+    scale_d2_predictors(model, lambda: d2_detect(model, image_rgb, mapper))
     return model
 
 
